@@ -1,0 +1,343 @@
+"""Typed configs for the trainer, parsed once from YAML with errors that name file and field."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line: `file:field: what is wrong (what is allowed)`."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    name: str = "grid2d"           # grid2d | digits | mnist | imagefolder
+    path: str | None = None        # imagefolder: root with one sub-folder per class (ImageNet layout)
+    image_size: int = 256          # imagefolder: centre-crop size fed to the VAE
+    vae: str | None = None         # imagefolder: local folder of a diffusers AutoencoderKL
+    vae_scale: float = 0.18215     # imagefolder: latent scale (SD-VAE)
+    cache_dir: str | None = None   # imagefolder: latent shards (default: <out_dir>/../latents)
+    grid_cells: int = 4            # grid2d: cells per side of the two-class checkerboard
+    train_fraction: float = 0.9    # digits/mnist: share of images used for training (the rest held out)
+
+    def validate(self, where: str) -> None:
+        _choice(where, "name", self.name, ("grid2d", "digits", "mnist", "imagefolder"))
+        if self.name == "imagefolder":
+            if not self.path:
+                raise ConfigError(f"{where}.path: required for imagefolder (a folder with one sub-folder per class)")
+            if not Path(self.path).is_dir():
+                raise ConfigError(f"{where}.path: folder {self.path!r} does not exist")
+            if not self.vae:
+                raise ConfigError(f"{where}.vae: required for imagefolder (a local diffusers AutoencoderKL folder)")
+        _range(where, "grid_cells", self.grid_cells, 2, 64)
+        _range(where, "train_fraction", self.train_fraction, 0.1, 1.0)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "MLP-S"            # a registry name: MLP-S/B, DiT-T/2 ... DiT-XL/8 (see trainer.models.MODELS)
+    learn_sigma: bool = False      # DiT on diffusion: also predict the variance (output 2C channels)
+    w_input: bool = False          # scale-aware model: w is a network input (an extra scalar embedding)
+
+    def validate(self, where: str) -> None:
+        from mgbench.trainer.models import MODELS
+
+        _choice(where, "arch", self.arch, tuple(MODELS))
+
+
+@dataclass
+class AutoWConfig:
+    enabled: bool = False          # adjust w from intermediate evaluations (starts at vanilla, w = 1)
+    metric: str = "fid"            # evaluation metric that drives w (lower is better)
+    step: float = 0.1              # size of one move of the target w
+    decay: float = 0.5             # w <- decay * w + (1 - decay) * target w
+    w_max: float = 3.0             # upper bound of w
+
+    def validate(self, where: str) -> None:
+        _range(where, "step", self.step, 0.0, 10.0, low_open=True)
+        _range(where, "decay", self.decay, 0.0, 1.0, high_open=True)
+        _range(where, "w_max", self.w_max, 1.0, 100.0)
+
+
+@dataclass
+class ObjectiveConfig:
+    formulation: str = "flow"      # flow (SiT velocity, x_t = (1-t) x0 + t eps) | diffusion (DiT, DDPM eps)
+    label_drop: float = 0.1        # lambda: share of labels dropped to the empty class (plain target)
+    w: float = 1.0                 # the paper's w: 1 = vanilla; the target weight is g = w - 1
+    w_range: list[float] | None = None  # [lo, hi]: sample w per sample instead of the fixed w
+    teacher: str = "ema"           # ema | online: which weights give sg(pred(c) - pred(empty))
+    t_high: float = 0.75           # MG term only where t < t_high (flow time; DDPM: timestep < t_high * T)
+    start_step: int = 0            # plain training before this step, MG after
+    mg_fraction: float = 1.0       # share of the labelled samples that get the MG target
+    empty_class: bool = True       # False: no empty label; unconditional = mean over N label predictions
+    uncond_labels: int = 0         # N labels for that mean (0 = all classes)
+    force: bool = False            # allow f*g >= 1 (no fixed point: training diverges)
+    diffusion_steps: int = 1000    # DDPM T (linear betas 1e-4 .. 0.02)
+    auto_w: AutoWConfig = field(default_factory=AutoWConfig)
+
+    @property
+    def mg(self) -> bool:
+        """Whether the MG term is ever applied."""
+        return self.auto_w.enabled or self.w != 1.0 or self.w_range is not None
+
+    def validate(self, where: str) -> None:
+        _choice(where, "formulation", self.formulation, ("flow", "diffusion"))
+        _choice(where, "teacher", self.teacher, ("ema", "online"))
+        _range(where, "label_drop", self.label_drop, 0.0, 1.0, high_open=True)
+        _range(where, "w", self.w, 1.0, 100.0)
+        if self.w_range is not None:
+            if len(self.w_range) != 2 or not 1.0 <= self.w_range[0] <= self.w_range[1]:
+                raise ConfigError(f"{where}.w_range: expected [lo, hi] with 1 <= lo <= hi, got {self.w_range}")
+        _range(where, "t_high", self.t_high, 0.0, 1.0, low_open=True)
+        _range(where, "start_step", self.start_step, 0, 10**9)
+        _range(where, "mg_fraction", self.mg_fraction, 0.0, 1.0)
+        _range(where, "uncond_labels", self.uncond_labels, 0, 10**6)
+        _range(where, "diffusion_steps", self.diffusion_steps, 2, 100000)
+        if not self.empty_class and self.label_drop > 0:
+            raise ConfigError(f"{where}.label_drop: must be 0 when empty_class is false (there is no empty label)")
+        if self.mg and self.label_drop == 0 and self.empty_class:
+            raise ConfigError(f"{where}.label_drop: MG with an empty class needs label_drop > 0 "
+                              "(else the empty class is never trained); or set empty_class: false")
+        self.auto_w.validate(f"{where}.auto_w")
+        fg = self.mg_fraction * self.mean_g
+        if fg >= 1 and not self.force:
+            raise ConfigError(f"{where}.w: mg_fraction * (w - 1) = {fg:.3g} >= 1 has no fixed point and diverges; "
+                              "lower w or mg_fraction, or set force: true")
+
+    @property
+    def mean_g(self) -> float:
+        """The mean target weight g = w - 1 over the w distribution."""
+        if self.w_range is not None:
+            return (self.w_range[0] + self.w_range[1]) / 2 - 1
+        return self.w - 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4               # AdamW learning rate
+    weight_decay: float = 0.0      # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 256          # global batch (split over DDP ranks)
+    ema_decay: float = 0.9999      # EMA of the weights (the MG teacher and the sampling model)
+    ema_warmup: bool = True        # decay_t = min(ema_decay, (1 + step) / (10 + step)), so short runs get a live EMA
+    grad_clip: float = 0.0         # clip the gradient norm (0 = off)
+
+    def validate(self, where: str) -> None:
+        _range(where, "lr", self.lr, 0.0, 1.0, low_open=True)
+        _range(where, "batch_size", self.batch_size, 1, 10**7)
+        _range(where, "ema_decay", self.ema_decay, 0.0, 1.0)
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "auto"          # auto (ddpm for diffusion, euler for flow) | ddpm | euler | heun | euler_maruyama
+    steps: int = 50                # sampling steps (DDPM: respaced to this many)
+    guidance: str = "auto"         # auto (mg for MG models, none otherwise) | none | cfg | mg | mg+cfg
+    cfg_scale: float = 0.0         # CFG s: pred = cond + s * (cond - uncond); s = 0 is the conditional model
+    w: float | None = None         # w-input models: the w fed at sampling (default: the trained w)
+    n_grid: int = 64               # samples in the logged grid image
+    seed: int = 0                  # sample i uses seed + i
+
+    def validate(self, where: str) -> None:
+        _choice(where, "sampler", self.sampler, ("auto", "ddpm", "euler", "heun", "euler_maruyama"))
+        _choice(where, "guidance", self.guidance, ("auto", "none", "cfg", "mg", "mg+cfg"))
+        _range(where, "steps", self.steps, 1, 100000)
+        _range(where, "cfg_scale", self.cfg_scale, 0.0, 100.0)
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, is, kid, prc (= precision, recall), img_per_s; grid2d always gets in_class, off_support, coverage, swd, center_dist
+    n_samples: int = 1000          # generated samples per evaluation (class-balanced, seed per sample)
+    extractor: str = "auto"        # auto (digits/mnist: mgbench's classifier; imagefolder: inception) | classifier | inception | a registered name
+    inception_weights: str | None = None  # local file pt_inception-2015-12-05-6726825d.pth (never downloaded)
+    reference: str | None = None   # ADM reference batch .npz (ImageNet); default: statistics of the training split
+    n_reference: int = 0           # training images in the reference statistics (0 = the whole split)
+    cache_dir: str = "~/.cache/mgbench"  # reference statistics and extractor weights
+    batch_size: int = 256          # sampling batch for evaluation (also the IMG/S batch)
+    cfg_sweep: list[float] = field(default_factory=list)  # extra evaluations at these CFG scales (Fig. 4)
+    coverage_k: int = 0            # grid2d coverage: a square counts with >= k samples (0 = a quarter of the uniform count)
+    save: str = "none"             # keep generated images under <out_dir>/eval/step_N/: none | npz (ADM arr_0) | png | both
+
+    def validate(self, where: str) -> None:
+        _range(where, "n_samples", self.n_samples, 2, 10**7)
+        _range(where, "batch_size", self.batch_size, 1, 10**6)
+        _range(where, "n_reference", self.n_reference, 0, 10**8)
+        _range(where, "coverage_k", self.coverage_k, 0, 10**9)
+        _choice(where, "save", self.save, ("none", "npz", "png", "both"))
+        allowed = ("fid", "sfid", "is", "kid", "prc", "precision", "recall", "img_per_s",
+                   "in_class", "off_support", "coverage", "swd", "center_dist")
+        for i, m in enumerate(self.metrics):
+            _choice(where, f"metrics[{i}]", m, allowed)
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 2000              # total optimisation steps
+    seed: int = 0                  # global seed (data order, noise, init)
+    log_every: int = 50            # step metrics to the tracker every this many steps
+    ckpt_every: int = 500          # checkpoint every this many steps (and at the end)
+    keep_ckpts: int = 2            # checkpoints kept on disk (latest ones)
+    max_steps_per_run: int = 0     # stop after this many steps in one invocation (0 = no cap); rerun resumes
+    eval_every: int = 0            # call the evaluation hook every this many steps (0 = only at the end)
+    precision: str = "fp32"        # fp32 | bf16 (autocast on GPU)
+    tf32: bool = True              # allow TF32 matmuls on GPU
+    device: str = "auto"           # auto | cpu | cuda
+
+    def validate(self, where: str) -> None:
+        _range(where, "steps", self.steps, 1, 10**9)
+        _range(where, "log_every", self.log_every, 1, 10**9)
+        _range(where, "ckpt_every", self.ckpt_every, 1, 10**9)
+        _range(where, "keep_ckpts", self.keep_ckpts, 1, 1000)
+        _range(where, "max_steps_per_run", self.max_steps_per_run, 0, 10**9)
+        _range(where, "eval_every", self.eval_every, 0, 10**9)
+        _choice(where, "precision", self.precision, ("fp32", "bf16"))
+        _choice(where, "device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"              # a name for the run (folder name under out_dir)
+    out_dir: str = "runs/run"      # checkpoints, samples and the resolved config go here
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, where: str = "config") -> "TrainConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f"{where}:{f.name}")
+        if self.model.learn_sigma and self.objective.formulation != "diffusion":
+            raise ConfigError(f"{where}:model.learn_sigma: only for formulation 'diffusion'")
+        if self.model.arch.startswith("MLP") and self.data.name != "grid2d":
+            raise ConfigError(f"{where}:model.arch: MLP models are for grid2d; use a DiT-* model for images")
+        if self.data.name == "grid2d" and not self.model.arch.startswith("MLP"):
+            raise ConfigError(f"{where}:model.arch: grid2d needs an MLP-* model")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types are errors naming `where.key`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip(':')}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}{key}" if where.endswith(":") else f"{where}.{key}"
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def train_config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Parse and validate a trainer config mapping; errors read `source:field: ...`."""
+    return from_dict(TrainConfig, data, f"{source}:").validate(source)
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a trainer config from YAML, apply dotted overrides (`objective.w: 1.5`), validate."""
+    data = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return train_config_from_dict(data, str(path))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating the levels on the way."""
+    *parents, last = key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a mapping")
+    node[last] = value
+
+
+def _choice(where: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}.{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _range(where: str, name: str, value: float, lo: float, hi: float,
+           low_open: bool = False, high_open: bool = False) -> None:
+    bad = value < lo or value > hi or (low_open and value == lo) or (high_open and value == hi)
+    if bad:
+        lb, hb = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{where}.{name}: {value!r} is outside {lb}{lo}, {hi}{hb}")

@@ -1,0 +1,198 @@
+"""The MLflow conventions of mgbench (one place), and the tracker interface the trainer logs through.
+
+The trainer sees only `Tracker`; the study runner hands it an `MlflowTracker`, tests a `MemoryTracker`.
+Reports read runs through the same names defined here, so renaming a metric cannot break a table
+silently.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+# Tag keys on every mgbench run.
+TAG_STUDY = "mgbench.study"            # study name (also the experiment name)
+TAG_ROLE = "mgbench.role"              # "study" (parent run) | "trial" (nested) | "train" (mgbench train)
+TAG_TRIAL = "mgbench.trial"            # Optuna trial number
+TAG_SLURM_JOB = "mgbench.slurm_job_id"  # SLURM job id of the trial's job (array: JOBID_TASK)
+TAG_STATUS = "mgbench.status"          # running | finished | failed | pruned
+TAG_SCALE = "mgbench.scale"            # e.g. "digits, 2000 steps": labels measured rows in reports
+TAG_OUT_DIR = "mgbench.out_dir"        # the run's checkpoint folder
+
+# Step metrics logged by the trainer.
+M_LOSS = "train/loss"                  # mean loss over the logging window
+M_LOSS_MG = "train/loss_mg_share"      # share of the batch that got the MG target
+M_W = "train/w"                        # current w (the paper's convention; moves under auto-w)
+M_STEP_TIME = "train/step_time_s"      # wall seconds per step over the window
+M_IMPLIED_CFG = "train/implied_cfg_scale"  # f*g / (1 - f*g) at the current w
+# Evaluation metrics (evaluation hook; final values also as summary metrics of the run).
+M_EVAL = "eval/{}"                     # eval/fid, eval/is, eval/sfid, eval/precision, eval/recall, ...
+M_IMG_PER_S = "eval/img_per_s"
+M_NFE = "eval/nfe"                     # network forwards per sample over the whole sampling trajectory
+M_SWEEP = "sweep/cfg_scale={scale:.2f}/{metric}"  # an evaluation at another CFG scale (Fig. 4): sweep/cfg_scale=0.50/fid
+# Model size (logged once at step 0).
+M_PARAMS = "model/n_params"            # trainable parameters
+M_GFLOPS = "model/gflops_per_forward"  # forward GFLOPs per sample
+
+# Artifacts.
+A_CONFIG = "config.yaml"               # the resolved trainer config
+A_SAMPLES = "samples"                  # folder of sample grids (samples/step_000500.png)
+A_SAMPLES_NPZ = "samples/samples.npz"  # final samples: arrays x (model/data space), y (labels), optional traj (S, B, ...)
+
+
+def metric_sweep(scale: float, metric: str) -> str:
+    """The tracked name of a metric measured at another CFG scale."""
+    return M_SWEEP.format(scale=scale, metric=metric)
+
+
+def metric_eval(name: str) -> str:
+    """The tracked name of an evaluation metric (`fid` -> `eval/fid`)."""
+    return M_EVAL.format(name)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (`objective.w`), the form params are logged in."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def trial_run_name(params: dict[str, Any]) -> str:
+    """A readable name for a trial run from its searched params: `w=1.50 lambda=0.10`."""
+    short = {"objective.w": "w", "objective.label_drop": "lambda", "objective.w_input": "w_input",
+             "model.w_input": "w_input", "objective.empty_class": "empty", "model.arch": "model",
+             "train.seed": "seed", "objective.formulation": "form"}
+    parts = []
+    for k, v in params.items():
+        name = short.get(k, k.rsplit(".", 1)[-1])
+        parts.append(f"{name}={v:.2f}" if isinstance(v, float) else f"{name}={v}")
+    return " ".join(parts) or "trial"
+
+
+class Tracker(Protocol):
+    """What the trainer needs from a tracking backend."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...
+
+
+class NullTracker:
+    """Logs nothing (a plain `mgbench train` without tracking)."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class MemoryTracker:
+    """Keeps everything in memory: for tests and for callers that inspect a run afterwards."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+        self.metrics: dict[str, list[tuple[int, float]]] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, float(v)))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    def flush(self) -> None:
+        pass
+
+    def series(self, name: str) -> list[float]:
+        return [v for _, v in self.metrics.get(name, [])]
+
+
+class MlflowTracker:
+    """Logs to one MLflow run by id; metrics are batched (one request per `flush_every` seconds)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, flush_every: float = 5.0) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._pending: list[Any] = []
+        self._last_flush = time.monotonic()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        # A resumed run logs the same params again: MLflow refuses changed values, so skip known keys.
+        items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            v = float(v)
+            if math.isfinite(v):
+                self._pending.append(Metric(k, v, ts, step))
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), 1000):
+            self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+        self._last_flush = time.monotonic()
+
+
+def _param_str(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class ConsoleTracker:
+    """Prints step metrics as they reach the tracker, and passes everything on to `inner`."""
+
+    def __init__(self, inner: Tracker | None = None, every: int = 1) -> None:
+        self.inner = inner or NullTracker()
+        self.every = max(1, every)
+        self._count = 0
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if M_LOSS in metrics or any(k.startswith("eval/") for k in metrics):
+            self._count += 1
+            if self._count % self.every == 0 or any(k.startswith("eval/") for k in metrics):
+                shown = " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in metrics.items())
+                print(f"step {step:>7d}  {shown}", flush=True)
+        self.inner.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.inner.log_artifact(path, artifact_path)
+
+    def flush(self) -> None:
+        self.inner.flush()

@@ -1,0 +1,80 @@
+"""Conditional and unconditional predictions in one forward: shared by the MG teacher and the samplers.
+
+Conventions:
+- The unconditional prediction uses the empty label (index `num_classes`) when the model has one;
+  with the empty class removed it is the mean of the predictions for N labels (law of total
+  probability, paper Eq. 23): all classes, or N distinct labels drawn per sample.
+- w-input models get w = 0 for the unconditional branch and `w_cond` for the conditional one.
+- With `learn_sigma` the outputs carry 2C channels; guidance acts on the eps part only
+  (`split_sigma(out, True)[0]`), the variance part is taken from the conditional branch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Model = Callable[..., Tensor]  # model(x, t_net, y, w=None) -> prediction shaped like x (2C channels with learn_sigma)
+
+
+def net_time(formulation: str, t: Tensor, T: int = 1000) -> Tensor:
+    """The network's time input: the DDPM step index (diffusion, t integer in [0, T)) or 1000 * t (flow)."""
+    if formulation == "diffusion":
+        return t.float()
+    if formulation == "flow":
+        return 1000.0 * t.float()
+    raise ValueError(f"unknown formulation {formulation!r} (flow | diffusion)")
+
+
+def split_sigma(out: Tensor, learn_sigma: bool) -> tuple[Tensor, Tensor | None]:
+    """(mean part, variance part or None): channel halves of a learn_sigma output (dim 1)."""
+    if not learn_sigma:
+        return out, None
+    mean, var = out.chunk(2, dim=1)
+    return mean, var
+
+
+def num_uncond_labels(num_classes: int, uncond_labels: int = 0) -> int:
+    """N, the labels averaged for the unconditional prediction without an empty class (0 = all)."""
+    return num_classes if uncond_labels <= 0 or uncond_labels >= num_classes else uncond_labels
+
+
+def draw_uncond_labels(batch: int, num_classes: int, n: int, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> Tensor:
+    """(B, N) labels: all classes in order when N == num_classes, else N distinct random ones per sample."""
+    if n >= num_classes:
+        return torch.arange(num_classes, device=device).expand(batch, num_classes)
+    gen_device = generator.device if generator is not None else "cpu"
+    scores = torch.rand(batch, num_classes, generator=generator, device=gen_device)
+    return scores.argsort(dim=1)[:, :n].to(device)
+
+
+def cond_and_uncond(model: Model, x: Tensor, t_net: Tensor, y: Tensor, *, num_classes: int,
+                    empty_class: bool = True, uncond_labels: int = 0, w_cond: Tensor | None = None,
+                    generator: torch.Generator | None = None,
+                    uncond_label_sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Conditional and unconditional predictions from one batched forward."""
+    b = x.shape[0]
+    if empty_class:
+        extra = torch.full_like(y, num_classes).unsqueeze(0)                       # (1, B)
+    else:
+        if uncond_label_sets is None:  # (B, N), per-sample label sets may be given by the caller
+            n = num_uncond_labels(num_classes, uncond_labels)
+            uncond_label_sets = draw_uncond_labels(b, num_classes, n, generator, y.device)
+        extra = uncond_label_sets.to(y.device).T                                   # (N, B)
+    n = extra.shape[0]
+    labels = torch.cat([y, extra.reshape(-1)])
+    w = None if w_cond is None else torch.cat([w_cond, torch.zeros(n * b, dtype=w_cond.dtype, device=w_cond.device)])
+    out = model(x.repeat(1 + n, *([1] * (x.dim() - 1))), t_net.repeat(1 + n), labels, w=w)
+    cond, rest = out[:b], out[b:]
+    uncond = rest if n == 1 else rest.reshape(n, b, *rest.shape[1:]).mean(dim=0)
+    return cond, uncond
+
+
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, learn_sigma: bool = False) -> Tensor:
+    """guided = cond + s * (cond - uncond) on the eps/velocity part; the variance part is the conditional one."""
+    c_mean, c_var = split_sigma(cond, learn_sigma)
+    u_mean, _ = split_sigma(uncond, learn_sigma)
+    guided = c_mean + scale * (c_mean - u_mean)
+    return guided if c_var is None else torch.cat([guided, c_var], dim=1)

@@ -1,0 +1,59 @@
+"""What the trainer hands to an evaluation hook, and what it gets back.
+
+An evaluation hook is any callable `hook(ctx: EvalContext) -> dict[str, float]` (metric name ->
+value, names without the `eval/` prefix). The trainer calls it every `train.eval_every` steps and
+at the end, logs the values as `eval/<name>` and feeds `auto_w.metric` to automatic w.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mgbench.config import TrainConfig
+from mgbench.trainer.data import Dataset
+
+
+@dataclass
+class EvalContext:
+    cfg: TrainConfig
+    model: torch.nn.Module          # the EMA model, in eval mode
+    step: int
+    w: float                        # the current w (moves under automatic w)
+    device: torch.device
+    dataset: Dataset                # the training data (reference statistics, decoding)
+    out_dir: str                    # the run's folder (for files the hook wants to keep)
+    rank: int = 0
+    world_size: int = 1
+
+    def sample(self, labels: torch.Tensor, seeds: Sequence[int], **overrides: Any):
+        """Sample with the run's sampling settings (overridable: guidance, cfg_scale, steps, ...).
+
+        Returns a `sampling.SampleResult` whose `x` is in model space (use `dataset.decode`).
+        """
+        from mgbench.trainer.sampling import sample
+
+        kw = sampling_kwargs(self.cfg, self.w, self.dataset)
+        kw.update(overrides)
+        return sample(self.model, labels=labels.to(self.device), seeds=seeds, device=self.device, **kw)
+
+
+EvalHook = Callable[[EvalContext], dict[str, float]]
+
+
+def sampling_kwargs(cfg: TrainConfig, w: float, dataset: Dataset) -> dict[str, Any]:
+    """The sampler arguments implied by a trainer config (guidance/sampler 'auto' resolved)."""
+    o, s = cfg.objective, cfg.sample
+    guidance = s.guidance
+    if guidance == "auto":
+        guidance = "mg" if o.mg else "none"
+    sampler = s.sampler
+    if sampler == "auto":
+        sampler = "ddpm" if o.formulation == "diffusion" else "euler"
+    w_in = None
+    if cfg.model.w_input:
+        w_in = s.w if s.w is not None else (w if guidance in ("mg", "mg+cfg") else 1.0)
+    return dict(formulation=o.formulation, shape=dataset.shape, num_classes=dataset.num_classes, sampler=sampler, steps=s.steps, guidance=guidance,
+                cfg_scale=s.cfg_scale, w=w_in, empty_class=o.empty_class, uncond_labels=o.uncond_labels,
+                learn_sigma=cfg.model.learn_sigma, diffusion_steps=o.diffusion_steps)

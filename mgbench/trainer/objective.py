@@ -1,0 +1,162 @@
+"""The training objective: label dropout, the MG target, and the loss for both formulations.
+
+MG (Model-guidance) replaces the plain target of a labelled sample by
+
+    target' = target + g * sg(pred_teacher(x_t, t, c) - pred_teacher(x_t, t, empty)),   g = w - 1
+
+(w counted as in the paper, w = 1 is vanilla). The teacher is the EMA model (or the online model),
+queried without gradient in ONE batched forward on [cond; uncond]. Dropped samples (ratio lambda)
+keep the plain target. With a share f of the labelled samples on the MG target, the fixed point of
+training is CFG with scale s = f*g / (1 - f*g) (`implied_cfg_scale`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mgbench.config import ObjectiveConfig
+from mgbench.trainer.guidance import cond_and_uncond, net_time
+from mgbench.trainer.paths import DDPMSchedule, FlowPath, _bcast
+
+
+def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Replace the labels where `drop` is true by the empty class (index num_classes)."""
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def mg_target(target: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """target + g * sg(cond - uncond), with g per sample (0 leaves the target unchanged)."""
+    return target + _bcast(g, target).to(target.dtype) * (cond - uncond).detach()
+
+
+def implied_cfg_scale(g: float, fraction: float = 1.0, w_input: bool = False) -> float:
+    """The CFG scale s (pred = cond + s (cond - uncond)) an MG model trains towards; inf without a fixed point.
+
+    A w-input model takes its teacher terms from the w = 1 / w = 0 branches, which are trained on
+    the plain target, so there is no feedback: s = f * g.
+    """
+    fg = fraction * g
+    if w_input:
+        return fg
+    return math.inf if fg >= 1 else fg / (1 - fg)
+
+
+@dataclass
+class BatchNoise:
+    """All randomness of one global batch, drawn from one generator (so ranks and resumes agree)."""
+
+    t: torch.Tensor        # (B,) DDPM step (long) or flow time (float)
+    eps: torch.Tensor      # (B, *shape)
+    drop: torch.Tensor     # (B,) bool: label dropped to the empty class
+    mg: torch.Tensor       # (B,) bool: eligible for the MG target (before t_high / start_step)
+    w: torch.Tensor        # (B,) the paper's w per sample
+    uncond_gen_seed: int   # seeds the labels drawn for the mean over N labels (empty class removed)
+
+    def shard(self, rank: int, world: int) -> "BatchNoise":
+        n = len(self.t) // world
+        sl = slice(rank * n, (rank + 1) * n)
+        return BatchNoise(self.t[sl], self.eps[sl], self.drop[sl], self.mg[sl], self.w[sl],
+                          self.uncond_gen_seed * world + rank)
+
+
+class Objective:
+    """Builds noisy inputs and (MG) targets and returns the loss of one batch."""
+
+    def __init__(self, cfg: ObjectiveConfig, num_classes: int, w_input: bool = False, learn_sigma: bool = False):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.w_input = w_input
+        self.learn_sigma = learn_sigma
+        self.schedule = DDPMSchedule(cfg.diffusion_steps) if cfg.formulation == "diffusion" else None
+
+    # -- randomness
+
+    def draw(self, batch: int, shape: tuple[int, ...], gen: torch.Generator, w_now: float) -> BatchNoise:
+        """Draw t, eps, label drop, MG mask and per-sample w for a global batch."""
+        c = self.cfg
+        if self.schedule is not None:
+            t = self.schedule.sample_t(batch, gen)
+        else:
+            t = FlowPath.sample_t(batch, gen)
+        eps = torch.randn((batch, *shape), generator=gen)
+        drop = torch.rand(batch, generator=gen) < c.label_drop
+        mg = torch.rand(batch, generator=gen) < c.mg_fraction
+        if c.w_range is not None:
+            lo, hi = c.w_range
+            w = lo + (hi - lo) * torch.rand(batch, generator=gen)
+        else:
+            w = torch.full((batch,), float(w_now))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        return BatchNoise(t, eps, drop, mg, w, seed)
+
+    def flow_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.flow_time(t) if self.schedule is not None else t
+
+    # -- loss
+
+    def loss(self, model, teacher, x0: torch.Tensor, y: torch.Tensor, nz: BatchNoise, mg_on: bool
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean squared error against the (MG) target; `mg_on` is false before start_step."""
+        c, dev = self.cfg, x0.device
+        t, eps = nz.t.to(dev), nz.eps.to(dev, x0.dtype)
+        if self.schedule is not None:
+            x_t, target = self.schedule.add_noise(x0, eps, t), eps
+        else:
+            x_t, target = FlowPath.add_noise(x0, eps, t), FlowPath.target(x0, eps)
+        y_in = drop_labels(y, nz.drop.to(dev), self.num_classes) if c.empty_class else y
+        t_net = net_time(c.formulation, t, c.diffusion_steps)
+        w_in = None
+        if self.w_input:  # dropped samples are the unconditional branch: fed w = 0
+            w_in = torch.where(nz.drop.to(dev), torch.zeros_like(nz.w), nz.w).to(dev, x0.dtype)
+
+        guided = torch.zeros(len(y), dtype=torch.bool, device=dev)
+        if mg_on:
+            guided = nz.mg.to(dev) & ~nz.drop.to(dev) & (self.flow_time(t) < c.t_high) & (nz.w.to(dev) != 1)
+        if guided.any():
+            target = target.clone()
+            idx = guided.nonzero().squeeze(1)
+            target[idx] = self._guided_target(teacher, x_t[idx], t_net[idx], y[idx], target[idx],
+                                              nz.w.to(dev)[idx], nz.uncond_gen_seed)
+
+        out = model(x_t, t_net, y_in, w_in)
+        if self.learn_sigma:
+            out, var_out = out.chunk(2, dim=1)
+        loss = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
+        if self.learn_sigma:
+            loss = loss + self._vlb(x0, x_t, t, out.detach(), var_out)
+        return loss.mean(), {"mg_share": guided.float().mean().item()}
+
+    @torch.no_grad()
+    def _guided_target(self, teacher, x_t, t_net, y, target, w, seed: int) -> torch.Tensor:
+        """target + (w - 1) * sg(cond - uncond) from one batched teacher forward."""
+        c = self.cfg
+        gen = torch.Generator().manual_seed(seed)
+        w_cond = torch.ones_like(w).to(x_t.dtype) if self.w_input else None
+        cond, uncond = cond_and_uncond(teacher, x_t, t_net, y, num_classes=self.num_classes,
+                                       empty_class=c.empty_class, uncond_labels=c.uncond_labels,
+                                       w_cond=w_cond, generator=gen)
+        if self.learn_sigma:
+            cond, uncond = cond[:, : target.shape[1]], uncond[:, : target.shape[1]]
+        return mg_target(target, cond.to(target.dtype), uncond.to(target.dtype), w - 1)
+
+    def _vlb(self, x0, x_t, t, eps_pred, var_out) -> torch.Tensor:
+        """The variational-bound term of learned-variance DDPM (mean frozen, as in improved DDPM), in bits/dim."""
+        s = self.schedule
+        x0d, xtd = x0.double(), x_t.double()
+        ab = s.at(s.alphas_cumprod, t, x0)
+        min_log = s.at(s.posterior_log_var, t, x0)
+        max_log = s.at(torch.log(s.betas), t, x0)
+        frac = (var_out.double() + 1) / 2
+        model_log = frac * max_log + (1 - frac) * min_log
+        x0_pred = (xtd - (1 - ab).sqrt() * eps_pred.double()) / ab.sqrt()
+        c0, ct = s.at(s.posterior_coef_x0, t, x0), s.at(s.posterior_coef_xt, t, x0)
+        mean_true, mean_pred = c0 * x0d + ct * xtd, c0 * x0_pred + ct * xtd
+        kl = 0.5 * (-1 + model_log - min_log + torch.exp(min_log - model_log)
+                    + (mean_true - mean_pred) ** 2 * torch.exp(-model_log))
+        # At t = 0 the bound is the decoder NLL; a Gaussian NLL of x0 stands in for the discretised one.
+        nll = 0.5 * (math.log(2 * math.pi) + model_log + (x0d - mean_pred) ** 2 * torch.exp(-model_log))
+        bits = torch.where(_bcast(t == 0, x0), nll, kl).flatten(1).mean(1) / math.log(2.0)
+        return bits.float()

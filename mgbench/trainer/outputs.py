@@ -1,0 +1,70 @@
+"""What a run leaves besides checkpoints: its cost figures and its final samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgbench.config import TrainConfig
+from mgbench.trainer.data import Dataset
+
+
+def model_cost(model: torch.nn.Module, data: Dataset, device: torch.device) -> tuple[int, float]:
+    """(trainable parameters, forward GFLOPs per sample) measured with torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    x = torch.zeros(1, *data.shape, device=device)
+    t = torch.zeros(1, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    w = torch.ones(1, device=device) if getattr(model, "w_input", False) else None
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, t, y, w)
+    return n_params, counter.get_total_flops() / 1e9
+
+
+def write_samples(cfg: TrainConfig, ema: torch.nn.Module, data: Dataset, w: float, device: torch.device,
+                  out: Path, step: int) -> list[Path]:
+    """Sample `sample.n_grid` class-balanced samples with the run's sampler; write a grid image (and npz)."""
+    from mgbench.trainer.hooks import sampling_kwargs
+    from mgbench.trainer.sampling import sample
+
+    n = cfg.sample.n_grid
+    labels = torch.arange(n, device=device) % data.num_classes
+    seeds = [cfg.sample.seed + i for i in range(n)]
+    kw = sampling_kwargs(cfg, w, data)
+    traj = data.kind == "points"
+    res = sample(ema, labels=labels, seeds=seeds, device=device, return_trajectory=traj, **kw)
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / f"step_{step:08d}.png"
+    if data.kind == "points":
+        npz = folder / "samples.npz"
+        arrays = {"x": res.x.cpu().numpy(), "y": labels.cpu().numpy()}
+        if getattr(res, "trajectory", None) is not None:
+            arrays["traj"] = torch.stack([t.cpu() for t in res.trajectory]).numpy()
+        np.savez(npz, **arrays)
+        _scatter(res.x.cpu().numpy(), labels.cpu().numpy(), png, f"{cfg.name} (step {step}, NFE {res.nfe})")
+        return [png, npz]
+    from torchvision.utils import save_image
+
+    img = data.decode(res.x.cpu()).clamp(-1, 1)
+    save_image((img + 1) / 2, png, nrow=int(np.ceil(np.sqrt(n))))
+    return [png]
+
+
+def _scatter(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    for c, color in ((0, "tab:blue"), (1, "tab:orange")):
+        ax.scatter(x[y == c, 0], x[y == c, 1], s=3, c=color, label=f"class {c}")
+    ax.set(xlim=(-2.5, 2.5), ylim=(-2.5, 2.5), title=title, aspect="equal")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
