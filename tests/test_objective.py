@@ -209,3 +209,16 @@ def test_config_errors_name_file_and_field(tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             load_train_config(p)
     assert isinstance(load_train_config(tmp_path / "c.yaml", {"model.arch": "MLP-B"}), TrainConfig)
+
+
+def test_learned_variance_bound_is_zero_at_the_true_posterior_and_positive_elsewhere():
+    obj = Objective(ObjectiveConfig(formulation="diffusion"), C, learn_sigma=True)
+    s = obj.schedule
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 4, 2, 2, generator=gen), torch.randn(8, 4, 2, 2, generator=gen)
+    t = torch.tensor([1, 5, 50, 200, 400, 600, 800, 999])
+    x_t = s.add_noise(x0, eps, t)
+    exact = obj._vlb(x0, x_t, t, eps, -torch.ones_like(x0))  # true eps, variance = the posterior's
+    assert exact.abs().max().item() < 1e-4
+    off = obj._vlb(x0, x_t, t, eps + 0.1, torch.ones_like(x0))
+    assert (off > 1e-5).all() and off[0] > 0.1  # KL > 0 away from the posterior
