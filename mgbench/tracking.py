@@ -30,7 +30,7 @@ M_IMPLIED_CFG = "train/implied_cfg_scale"  # f*g / (1 - f*g) at the current w
 M_EVAL = "eval/{}"                     # eval/fid, eval/is, eval/sfid, eval/precision, eval/recall, ...
 M_IMG_PER_S = "eval/img_per_s"
 M_NFE = "eval/nfe"                     # network forwards per sample over the whole sampling trajectory
-M_SWEEP = "sweep/cfg_scale={scale:.2f}/{metric}"  # an evaluation at another CFG scale (Fig. 4): sweep/cfg_scale=0.50/fid
+M_SWEEP = "sweep/cfg_scale_{scale:.2f}/{metric}"  # an evaluation at another CFG scale (Fig. 4): sweep/cfg_scale_0.50/fid
 # Model size (logged once at step 0).
 M_PARAMS = "model/n_params"            # trainable parameters
 M_GFLOPS = "model/gflops_per_forward"  # forward GFLOPs per sample

@@ -1,0 +1,117 @@
+"""Benchmark: load a study of many trial runs from MLflow and render every table (goal: <= 10 s for 10,000 runs)."""
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mgbench import tracking as T
+from mgbench.report import synthetic
+
+BENCH_STUDY = "bench-report"
+CACHE_DIR = Path(os.environ.get("MGBENCH_CACHE", Path.home() / ".cache" / "mgbench"))  # where the store is kept
+
+
+def _settings() -> list[dict[str, Any]]:
+    """The ablation settings of Tables 1-8, one dict of config overrides each."""
+    knobs: list[dict[str, Any]] = [{"objective.w": 1.0}, {"objective.w": 1.0, "sample.guidance": "cfg",
+                                                          "sample.cfg_scale": 1.0}]
+    knobs += [{"objective.w": w} for w in (1.25, 1.5, 1.75, 2.0)]
+    knobs += [{"objective.auto_w.enabled": True}]
+    knobs += [{"objective.w": 1.5, "objective.label_drop": lam} for lam in (0.05, 0.15, 0.2)]
+    knobs += [{"objective.w_range": [1.0, 2.0], "model.w_input": True}]
+    knobs += [{"objective.w": 1.5, "objective.empty_class": False, "objective.label_drop": 0.0}]
+    models = [{"model.arch": a, "objective.formulation": f, "data.name": d}
+              for a, f, d in itertools.product(("DiT-T/2", "DiT-S/2"), ("diffusion", "flow"), ("digits", "mnist"))]
+    return [{**m, **k} for m, k in itertools.product(models, knobs)]
+
+
+def _rows(run_id: str, exp_id: str, parent: str, trial: int, params: dict[str, str], metrics: dict[str, float],
+          status: str, scale: str) -> dict[str, list[dict[str, Any]]]:
+    """The database rows of one trial run (MLflow's own tables: runs, tags, params, metrics, latest_metrics)."""
+    ts = 1_700_000_000_000 + trial
+    tags = {T.TAG_STUDY: BENCH_STUDY, T.TAG_ROLE: "trial", T.TAG_TRIAL: str(trial), T.TAG_STATUS: status,
+            T.TAG_SCALE: scale, "mlflow.parentRunId": parent, "mlflow.runName": f"trial {trial}"}
+    metric_rows = [{"key": k, "value": v, "timestamp": ts, "step": 2000, "is_nan": False, "run_uuid": run_id}
+                   for k, v in metrics.items()]
+    return {
+        "runs": [{"run_uuid": run_id, "name": f"trial {trial}", "source_type": "LOCAL", "source_name": "",
+                  "entry_point_name": "", "user_id": "bench", "status": "FAILED" if status == "failed" else "FINISHED",
+                  "start_time": ts, "end_time": ts + 1, "source_version": "", "lifecycle_stage": "active",
+                  "artifact_uri": "", "experiment_id": int(exp_id)}],
+        "tags": [{"key": k, "value": v, "run_uuid": run_id} for k, v in tags.items()],
+        "params": [{"key": k, "value": v, "run_uuid": run_id} for k, v in params.items()],
+        "metrics": metric_rows, "latest_metrics": metric_rows,
+    }
+
+
+def build_store(path: str | Path, n_runs: int = 10_000, seed: int = 0) -> str:
+    """Write a study of `n_runs` trial runs into a fresh sqlite MLflow store by bulk insert; returns its URI."""
+    import random
+
+    from mlflow.store.tracking.dbmodels import models as M
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{Path(path).resolve()}"
+    exp_id, parent = synthetic.start_study(MlflowClient(uri), BENCH_STUDY)
+    store = SqlAlchemyStore(uri, tempfile.gettempdir())
+    rng = random.Random(seed)
+    settings = _settings()
+    tables = {"runs": M.SqlRun, "tags": M.SqlTag, "params": M.SqlParam, "metrics": M.SqlMetric,
+              "latest_metrics": M.SqlLatestMetric}
+    batch: dict[str, list] = {k: [] for k in tables}
+    for trial in range(n_runs):
+        params = synthetic.trial_params(**settings[trial % len(settings)], **{"train.seed": trial // len(settings)})
+        status = "failed" if rng.random() < 0.02 else "finished"
+        metrics = {} if status == "failed" else {
+            T.metric_eval("fid"): rng.uniform(5, 40), T.metric_eval("sfid"): rng.uniform(5, 40),
+            T.metric_eval("is"): rng.uniform(40, 250), T.metric_eval("precision"): rng.uniform(0.5, 0.9),
+            T.metric_eval("recall"): rng.uniform(0.3, 0.6), T.M_IMG_PER_S: rng.uniform(10, 100),
+            T.M_NFE: 50.0, T.M_PARAMS: 1e6}
+        rows = _rows(uuid.uuid4().hex, exp_id, parent, trial, params, metrics, status, "digits, 2000 steps")
+        for k, v in rows.items():
+            batch[k] += v
+    with store.engine.begin() as conn:
+        for name, model in tables.items():
+            for i in range(0, len(batch[name]), 20_000):
+                conn.execute(model.__table__.insert(), batch[name][i:i + 20_000])
+    return uri
+
+
+def bench_report(n_runs: int = 10_000, out_dir: str | Path | None = None, cache_dir: str | Path | None = None
+                 ) -> dict[str, float]:
+    """Build (once, cached) a store of n_runs trial runs; time loading them and rendering Tables 1-8."""
+    from mgbench.report.load import load_runs
+    from mgbench.report.render import write_table
+    from mgbench.report.tables import build_table, prepare_runs
+
+    cache = Path(cache_dir or CACHE_DIR)
+    cache.mkdir(parents=True, exist_ok=True)
+    db = cache / f"bench_report_{n_runs}.db"
+    t0 = time.perf_counter()
+    if not db.exists():
+        tmp = db.with_suffix(".tmp.db")
+        tmp.unlink(missing_ok=True)
+        build_store(tmp, n_runs)
+        tmp.rename(db)
+    t_build = time.perf_counter() - t0
+    uri = f"sqlite:///{db.resolve()}"
+    out = Path(out_dir or tempfile.mkdtemp(prefix="mgbench-bench-"))
+    t1 = time.perf_counter()
+    runs = load_runs(uri, BENCH_STUDY)
+    t2 = time.perf_counter()
+    prepared = prepare_runs(runs)
+    for number in range(1, 9):
+        write_table(build_table(prepared, number, BENCH_STUDY), out)
+    t3 = time.perf_counter()
+    return {"n_runs": float(len(runs)), "build_s": t_build, "load_s": t2 - t1, "tables_s": t3 - t2,
+            "total_s": t3 - t1}
+
+
+if __name__ == "__main__":
+    print(bench_report())

@@ -1,0 +1,88 @@
+"""`mgbench report WHAT --study NAME`: render tables and figures of a study's tracked runs into reports/<study>/."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+TABLES = [f"table{n}" for n in range(1, 9)]
+FIGURES = ["fig2", "fig4", "fig5", "fig6"]
+CHOICES = [*TABLES, *FIGURES, "tables", "figures", "all"]
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `report` sub-command to the `mgbench` parser."""
+    p = subparsers.add_parser("report", help="render the paper's tables and figures from a study's MLflow runs",
+                              description=__doc__)
+    p.add_argument("what", choices=CHOICES, help="one table or figure, or tables | figures | all")
+    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
+    p.set_defaults(func=run_report)
+    return p
+
+
+def expand(what: str) -> list[str]:
+    """`tables`, `figures` and `all` -> the single items they stand for."""
+    return {"tables": TABLES, "figures": FIGURES, "all": TABLES + FIGURES}.get(what, [what])
+
+
+def _write_csv(data: pd.DataFrame, path: Path) -> Path:
+    path.write_text(data.to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
+    return path
+
+
+def render(what: str, study: str, tracking_uri: str | None = None, out: str | Path | None = None) -> list[Path]:
+    """Render tables/figures of one study; returns the files written (same runs -> same bytes)."""
+    from mgbench.report import figures
+    from mgbench.report.load import load_runs
+    from mgbench.report.render import write_table
+    from mgbench.report.tables import build_table, prepare_runs
+
+    out_dir = Path(out) if out else Path("reports") / study
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(tracking_uri, study)
+    prepared = prepare_runs(runs) if any(i in TABLES for i in expand(what)) else None
+    paths: list[Path] = []
+    for item in expand(what):
+        if item in TABLES:
+            paths += write_table(build_table(prepared, int(item[5:]), study), out_dir)
+        elif item == "fig2":
+            paths.append(_write_csv(figures.fig2(runs, tracking_uri, out_dir), out_dir / "fig2_toy.csv"))
+        elif item == "fig4":
+            paths.append(_write_csv(figures.fig4(runs, out_dir), out_dir / "fig4_cfg_scale.csv"))
+        elif item == "fig5":
+            data, gains = figures.fig5(runs, tracking_uri, out_dir)
+            paths += [_write_csv(data, out_dir / "fig5_convergence.csv"), _write_csv(gains, out_dir / "fig5_speedup.csv")]
+        elif item == "fig6":
+            paths.append(_write_csv(figures.fig6(runs, out_dir), out_dir / "fig6_scaling.csv"))
+    return paths
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Entry point of `mgbench report`; prints the files written, returns the exit code."""
+    try:
+        paths = render(args.what, args.study, args.tracking_uri, args.out)
+    except LookupError as e:
+        print(f"mgbench report: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `report` alone (`python -m mgbench.report.cli table3 --study NAME`)."""
+    parser = argparse.ArgumentParser(prog="mgbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_report_parser(sub)
+    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Tidy runs -> the paper's Figures 2, 4, 5 and 6 (seaborn; PNG and PDF); each returns the data it plotted."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mgbench import tracking as T
+from mgbench.report import load as L
+from mgbench.report.specs import _w_setting, model_label, uses_cfg
+
+FID, IS = T.metric_eval("fid"), T.metric_eval("is")
+# Fixed metadata so the same data gives the same bytes (no dates, no version strings).
+PNG_META = {"Software": None}
+PDF_META = {"Creator": None, "Producer": None, "CreationDate": None, "ModDate": None}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt, sns
+
+
+def save_figure(fig: Any, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write `<stem>.png` and `<stem>.pdf` with fixed metadata; close the figure."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150, metadata=PNG_META, bbox_inches="tight")
+    fig.savefig(paths[1], metadata=PDF_META, bbox_inches="tight")
+    fig.clf()
+    _plt()[0].close(fig)
+    return paths
+
+
+def method_label(row: dict[str, Any]) -> str:
+    """How a run's sampling is named in a legend: vanilla, CFG s=1.00, MG w=1.50, MG w=1.50 + CFG s=0.50."""
+    cfg = f"CFG s={float(row.get(L.P_CFG_SCALE) or 0.0):.2f}" if uses_cfg(row) else ""
+    if row[L.VARIANT] == "vanilla":
+        return cfg or "vanilla"
+    mg = "MG " + _w_setting(row)
+    return f"{mg} + {cfg}" if cfg else mg
+
+
+def _finished(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    done = runs[runs[L.STATUS] == "finished"]
+    return done.astype(object).where(done.notna(), None).to_dict("records")
+
+
+def _model(row: dict[str, Any]) -> str:
+    return model_label(row.get(L.P_ARCH), row.get(L.P_FORMULATION))
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+
+def fig4_data(runs: pd.DataFrame) -> pd.DataFrame:
+    """FID and IS against the CFG scale, per model and training variant (mean and std over seeds)."""
+    pattern = L.sweep_pattern()
+    sweeps = [(c, pattern.match(c)) for c in runs.columns]
+    sweeps = [(c, float(m["scale"]), m["metric"]) for c, m in sweeps if m and m["metric"] in ("fid", "is")]
+    points = []
+    for row in _finished(runs):
+        own = float(row.get(L.P_CFG_SCALE) or 0.0) if uses_cfg(row) else 0.0
+        seen = set()
+        for col, scale, metric in sweeps:
+            if row.get(col) is not None:
+                points.append((row, scale, metric, row[col]))
+                seen.add((scale, metric))
+        for metric, col in (("fid", FID), ("is", IS)):
+            if row.get(col) is not None and (own, metric) not in seen:
+                points.append((row, own, metric, row[col]))
+    data = pd.DataFrame([{"model": _model(r), "scale": r.get(T.TAG_SCALE) or "", "variant": r[L.VARIANT],
+                          "training": "vanilla" if r[L.VARIANT] == "vanilla" else "MG " + _w_setting(r),
+                          "cfg_scale": s, "metric": m, "value": float(v)} for r, s, m, v in points],
+                        columns=["model", "scale", "variant", "training", "cfg_scale", "metric", "value"])
+    keys = ["model", "scale", "variant", "training", "metric", "cfg_scale"]
+    agg = data.groupby(keys, sort=True)["value"].agg(["mean", "std", "count"]).reset_index()
+    return agg.rename(columns={"count": "n"})
+
+
+def fig4(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
+    """Figure 4: FID and IS against the CFG scale; CFG on a vanilla model vs CFG on top of an MG model."""
+    data = fig4_data(runs)
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric, name in zip(axes, ("fid", "is"), ("FID", "IS")):
+        part = data[data["metric"] == metric]
+        if not part.empty:
+            sns.lineplot(part, x="cfg_scale", y="mean", hue="training", style="model", marker="o", ax=ax,
+                         errorbar=None)
+        ax.set(xlabel="CFG scale s (pred = cond + s (cond - uncond))", ylabel=name, title=f"{name} against CFG scale")
+    fig.tight_layout()
+    save_figure(fig, out_dir, "fig4_cfg_scale")
+    return data
+
+
+# ----------------------------------------------------------------------------- Figure 5
+
+
+def fig5_data(runs: pd.DataFrame, histories: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
+    """FID against training step per model and method (mean over seeds), from `eval/fid` histories by run id."""
+    points = [{"model": _model(r), "scale": r.get(T.TAG_SCALE) or "", "variant": r[L.VARIANT],
+               "method": method_label(r), "step": int(s), "fid": float(v)}
+              for r in _finished(runs) for s, v in histories.get(r[L.RUN_ID], [])]
+    data = pd.DataFrame(points, columns=["model", "scale", "variant", "method", "step", "fid"])
+    return data.groupby(["model", "scale", "variant", "method", "step"], sort=True)["fid"].mean().reset_index()
+
+
+def steps_to_reach(steps: np.ndarray, fid: np.ndarray, target: float) -> float | None:
+    """The first training step where a FID curve reaches `target` (linear between evaluations); None if never."""
+    below = np.nonzero(fid <= target)[0]
+    if len(below) == 0:
+        return None
+    i = below[0]
+    if i == 0:
+        return float(steps[0])
+    s0, s1, f0, f1 = steps[i - 1], steps[i], fid[i - 1], fid[i]
+    return float(s0 + (s1 - s0) * (f0 - target) / (f0 - f1))
+
+
+def speedups(data: pd.DataFrame) -> pd.DataFrame:
+    """Per model and MG method: vanilla's final FID, the step MG reaches it, and the speed-up (vanilla steps / MG)."""
+    rows = []
+    for (model, scale), part in data.groupby(["model", "scale"], sort=True):
+        vanilla = part[part["method"] == "vanilla"].sort_values("step")
+        if vanilla.empty:
+            continue
+        target, last = float(vanilla["fid"].iloc[-1]), float(vanilla["step"].iloc[-1])
+        for method, mg in part[part["variant"] == "mg"].groupby("method", sort=True):
+            mg = mg.sort_values("step")
+            reach = steps_to_reach(mg["step"].to_numpy(), mg["fid"].to_numpy(), target)
+            rows.append({"model": model, "scale": scale, "method": method, "vanilla_final_fid": target,
+                         "vanilla_steps": last, "mg_steps_to_reach": reach,
+                         "speedup": last / reach if reach else None})
+    return pd.DataFrame(rows, columns=["model", "scale", "method", "vanilla_final_fid", "vanilla_steps",
+                                       "mg_steps_to_reach", "speedup"])
+
+
+def metric_histories(tracking_uri: str | None, run_ids: list[str], metric: str = FID) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) history of one metric per run, from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    out = {}
+    for run_id in run_ids:
+        hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
+        out[run_id] = list({s: v for s, _, v in hist}.items())   # the latest value logged at each step
+    return out
+
+
+def fig5(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 5: FID against training steps, vanilla vs MG, with the speed-up to reach vanilla's final FID."""
+    histories = metric_histories(tracking_uri, runs.loc[runs[L.STATUS] == "finished", L.RUN_ID].tolist())
+    data = fig5_data(runs, histories)
+    gains = speedups(data)
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    if not data.empty:
+        sns.lineplot(data, x="step", y="fid", hue="method", style="model", marker="o", ax=ax, errorbar=None)
+    for i, g in enumerate(gains.to_dict("records")):
+        text = (f"{g['model']} {g['method']}: vanilla's final FID {g['vanilla_final_fid']:.2f} at step "
+                f"{g['mg_steps_to_reach']:.0f}, {g['speedup']:.1f}x faster" if g["speedup"] else
+                f"{g['model']} {g['method']}: does not reach vanilla's final FID {g['vanilla_final_fid']:.2f}")
+        ax.text(0.98, 0.95 - 0.07 * i, text, transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    ax.set(xlabel="training step", ylabel="FID", title="FID against training steps")
+    fig.tight_layout()
+    save_figure(fig, out_dir, "fig5_convergence")
+    return data, gains
+
+
+# ----------------------------------------------------------------------------- Figure 6
+
+
+def fig6_data(runs: pd.DataFrame) -> pd.DataFrame:
+    """FID against parameters and against sampling GFLOPs (gflops_per_forward * nfe), per model and method."""
+    rows = [{"model": _model(r), "variant": r[L.VARIANT], "method": method_label(r),
+             "n_params": r.get(T.M_PARAMS), "sampling_gflops": (r.get(T.M_GFLOPS) or np.nan) * (r.get(T.M_NFE) or np.nan),
+             "fid": r.get(FID)} for r in _finished(runs) if r.get(FID) is not None]
+    data = pd.DataFrame(rows, columns=["model", "variant", "method", "n_params", "sampling_gflops", "fid"])
+    data = data.astype({"n_params": float, "sampling_gflops": float, "fid": float})
+    return data.groupby(["model", "variant", "method"], sort=True).mean().reset_index()
+
+
+def fig6(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
+    """Figure 6: FID against model parameters and against sampling compute, vanilla vs MG."""
+    data = fig6_data(runs)
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, x, name in zip(axes, ("n_params", "sampling_gflops"), ("parameters", "sampling GFLOPs per image")):
+        part = data.dropna(subset=[x])
+        if not part.empty:
+            sns.lineplot(part.sort_values(x), x=x, y="fid", hue="method", marker="o", ax=ax, errorbar=None)
+            for r in part.to_dict("records"):
+                ax.annotate(r["model"], (r[x], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel="FID", title=f"FID against {name}")
+    fig.tight_layout()
+    save_figure(fig, out_dir, "fig6_scaling")
+    return data
+
+
+# ----------------------------------------------------------------------------- Figure 2
+
+
+def load_samples(tracking_uri: str | None, run_id: str) -> dict[str, np.ndarray]:
+    """The arrays of a run's `samples/samples.npz` artifact (x, y, optional traj)."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.A_SAMPLES_NPZ, tracking_uri=tracking_uri)
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def fig2_data(runs: pd.DataFrame, samples: dict[str, dict[str, np.ndarray]], max_traj: int = 64) -> pd.DataFrame:
+    """Tidy points of the 2D toy: final samples (kind=sample) and trajectories (kind=traj) per method."""
+    frames = []
+    for r in _finished(runs):
+        arrays = samples.get(r[L.RUN_ID])
+        if arrays is None:
+            continue
+        x, y = np.asarray(arrays["x"], dtype=float), np.asarray(arrays["y"])
+        base = {"method": method_label(r), "run_id": r[L.RUN_ID]}
+        frames.append(pd.DataFrame({**base, "kind": "sample", "i": np.arange(len(x)), "step": -1,
+                                    "x": x[:, 0], "y": x[:, 1], "label": y.astype(int)}))
+        if "traj" in arrays:
+            traj = np.asarray(arrays["traj"], dtype=float)[:, :max_traj]
+            s, n = traj.shape[:2]
+            frames.append(pd.DataFrame({**base, "kind": "traj", "i": np.tile(np.arange(n), s),
+                                        "step": np.repeat(np.arange(s), n), "x": traj[..., 0].ravel(),
+                                        "y": traj[..., 1].ravel(), "label": np.tile(y[:n].astype(int), s)}))
+    cols = ["method", "run_id", "kind", "i", "step", "x", "y", "label"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def _one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
+    if L.P_DATA not in runs:
+        return runs.iloc[:0]
+    done = runs[(runs[L.STATUS] == "finished") & (runs[L.P_DATA] == "grid2d")]
+    if done.empty:
+        return done
+    labels = [method_label(r) for r in _finished(done)]
+    return done.assign(_method=labels).sort_values([L.P_SEED, T.TAG_TRIAL]).drop_duplicates("_method")
+
+
+def fig2(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> pd.DataFrame:
+    """Figure 2: the 2D toy; samples, trajectories and density per method (one run each, the lowest seed)."""
+    chosen = _one_run_per_method(runs)
+    samples = {rid: load_samples(tracking_uri, rid) for rid in chosen[L.RUN_ID]}
+    data = fig2_data(chosen, samples)
+    methods = list(dict.fromkeys(data["method"]))
+    plt, sns = _plt()
+    fig, axes = plt.subplots(3, max(len(methods), 1), figsize=(3 * max(len(methods), 1), 8.4), squeeze=False)
+    for j, method in enumerate(methods):
+        pts = data[(data["method"] == method) & (data["kind"] == "sample")]
+        traj = data[(data["method"] == method) & (data["kind"] == "traj")]
+        sns.scatterplot(pts, x="x", y="y", hue="label", s=3, linewidth=0, palette="deep", ax=axes[0, j], legend=False)
+        sns.lineplot(traj, x="x", y="y", units="i", hue="label", estimator=None, sort=False, lw=0.4, alpha=0.6,
+                     palette="deep", ax=axes[1, j], legend=False) if not traj.empty else None
+        sns.histplot(pts, x="x", y="y", bins=60, ax=axes[2, j], cmap="mako")
+        axes[0, j].set_title(method)
+        for i, what in enumerate(("samples", "trajectories", "density")):
+            axes[i, j].set(xlabel="", ylabel=what if j == 0 else "", aspect="equal")
+    fig.tight_layout()
+    save_figure(fig, out_dir, "fig2_toy")
+    return data

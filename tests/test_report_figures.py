@@ -1,0 +1,113 @@
+"""Figure tests: the data each figure plotted (series, axes, values) and byte-identical files on a second render."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mgbench import tracking as T
+from mgbench.report import figures as F
+from mgbench.report import load as L
+from mgbench.report.cli import render
+from mgbench.report.synthetic import log_trial, start_study, trial_params
+
+FID, IS = T.metric_eval("fid"), T.metric_eval("is")
+DIT = {"model.arch": "DiT-T/2", "data.name": "digits", "objective.formulation": "flow"}
+TOY = {"model.arch": "MLP-S", "data.name": "grid2d", "objective.formulation": "flow"}
+
+
+def _sweep(points):
+    return {T.metric_sweep(s, m): v for s, vals in points.items() for m, v in vals.items()}
+
+
+TRACKED_SWEEP = T.M_SWEEP   # the name format as tracking.py defines it
+
+
+def _valid_metric_name(name: str) -> bool:
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    return bool(validate_param_and_metric_name(name))
+
+
+def test_sweep_metric_name_is_valid_for_mlflow():
+    assert _valid_metric_name(TRACKED_SWEEP.format(scale=0.5, metric="fid"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Study `figs`: sweeps (Fig. 4), FID histories (Fig. 5), sizes (Fig. 6), 2D toy samples (Fig. 2)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp, parent = start_study(client, "figs", str(root / "art"))
+    size = {T.M_PARAMS: 1e6, T.M_GFLOPS: 0.5, T.M_NFE: 50.0}
+    vanilla = {FID: 20.0, IS: 50.0, **size, **_sweep({0.5: {"fid": 12.0, "is": 90.0}, 1.0: {"fid": 10.0, "is": 120.0}})}
+    mg = {FID: 8.0, IS: 130.0, **size, **_sweep({0.5: {"fid": 9.0, "is": 150.0}})}
+    big = {FID: 5.0, T.M_PARAMS: 4e6, T.M_GFLOPS: 2.0, T.M_NFE: 50.0}
+    hist_v = {FID: [(500, 40.0), (1000, 30.0), (1500, 25.0), (2000, 20.0)]}
+    hist_m = {FID: [(500, 30.0), (1000, 18.0), (1500, 12.0), (2000, 8.0)]}
+    log_trial(client, "figs", exp, parent, 0, trial_params(**DIT), vanilla, history=hist_v)
+    log_trial(client, "figs", exp, parent, 1, trial_params(**DIT, **{"objective.w": 1.5}), mg, history=hist_m)
+    log_trial(client, "figs", exp, parent, 2, trial_params(**{**DIT, "model.arch": "DiT-S/2", "objective.w": 1.5}), big)
+    rng = np.random.default_rng(0)
+    for i, over in enumerate([{}, {"objective.w": 1.5}, {"sample.guidance": "cfg", "sample.cfg_scale": 1.0}]):
+        rid = log_trial(client, "figs", exp, parent, 3 + i, trial_params(**TOY, **over), {"eval/in_class": 0.9})
+        path = root / f"samples{i}.npz"
+        np.savez(path, x=rng.normal(size=(200, 2)), y=rng.integers(0, 2, 200), traj=rng.normal(size=(5, 200, 2)))
+        client.log_artifact(rid, str(path), "samples")
+        (root / "samples.npz").unlink(missing_ok=True)
+        path.rename(root / "samples.npz")
+        client.log_artifact(rid, str(root / "samples.npz"), "samples")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return L.load_runs(store, "figs")
+
+
+def test_fig4_cfg_sweep(runs, tmp_path):
+    data = F.fig4(runs, tmp_path)
+    van = data[(data["model"] == "SiT-T/2") & (data["training"] == "vanilla") & (data["metric"] == "fid")]
+    assert van["cfg_scale"].tolist() == [0.0, 0.5, 1.0] and van["mean"].tolist() == [20.0, 12.0, 10.0]
+    mg_is = data[(data["model"] == "SiT-T/2") & (data["training"] == "MG w=1.50") & (data["metric"] == "is")]
+    assert mg_is["cfg_scale"].tolist() == [0.0, 0.5] and mg_is["mean"].tolist() == [130.0, 150.0]
+    assert (tmp_path / "fig4_cfg_scale.png").stat().st_size > 0 and (tmp_path / "fig4_cfg_scale.pdf").exists()
+
+
+def test_fig5_convergence_and_speedup(runs, store, tmp_path):
+    data, gains = F.fig5(runs, store, tmp_path)
+    mg = data[(data["method"] == "MG w=1.50") & (data["model"] == "SiT-T/2")]
+    assert mg["step"].tolist() == [500, 1000, 1500, 2000] and mg["fid"].tolist() == [30.0, 18.0, 12.0, 8.0]
+    g = gains[gains["model"] == "SiT-T/2"].iloc[0]
+    reach = 500 + 500 * (30 - 20) / (30 - 18)
+    assert g["vanilla_final_fid"] == 20.0 and g["mg_steps_to_reach"] == pytest.approx(reach)
+    assert g["speedup"] == pytest.approx(2000 / reach)
+    assert F.steps_to_reach(np.array([1, 2]), np.array([5.0, 4.0]), 1.0) is None
+
+
+def test_fig6_params_and_flops(runs, tmp_path):
+    data = F.fig6(runs, tmp_path)
+    big = data[data["model"] == "SiT-S/2"].iloc[0]
+    assert (big["n_params"], big["sampling_gflops"], big["fid"]) == (4e6, 100.0, 5.0)
+    small = data[(data["model"] == "SiT-T/2") & (data["variant"] == "vanilla")].iloc[0]
+    assert (small["sampling_gflops"], small["fid"]) == (25.0, 20.0)
+
+
+def test_fig2_toy_samples(runs, store, tmp_path):
+    data = F.fig2(runs, store, tmp_path)
+    assert sorted(data["method"].unique()) == ["CFG s=1.00", "MG w=1.50", "vanilla"]
+    per = data.groupby(["method", "kind"]).size()
+    assert per[("vanilla", "sample")] == 200 and per[("vanilla", "traj")] == 5 * 64
+    assert set(data["label"]) == {0, 1}
+
+
+def test_figures_idempotent(store, tmp_path):
+    first = render("figures", "figs", store, tmp_path / "a")
+    second = render("figures", "figs", store, tmp_path / "b")
+    for stem in ("fig2_toy", "fig4_cfg_scale", "fig5_convergence", "fig6_scaling"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / "a" / f"{stem}.{ext}").read_bytes() == (tmp_path / "b" / f"{stem}.{ext}").read_bytes()
+    for p, q in zip(first, second):
+        assert p.read_bytes() == q.read_bytes()

@@ -1,0 +1,174 @@
+"""Golden tests: a real MLflow sqlite store -> tidy runs -> the paper's tables (values, IMPROVE, seeds, states)."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from mgbench import tracking as T
+from mgbench.report import load as L
+from mgbench.report.cli import add_report_parser, render, run_report
+from mgbench.report.render import DASH, to_latex, to_markdown
+from mgbench.report.synthetic import log_trial, start_study, trial_params
+from mgbench.report.tables import build_table, paper_rows
+
+FID, IS, PREC = T.metric_eval("fid"), T.metric_eval("is"), T.metric_eval("precision")
+DIT = {"model.arch": "DiT-T/2", "data.name": "digits", "objective.formulation": "diffusion"}
+SIT = {"model.arch": "DiT-T/2", "data.name": "digits", "objective.formulation": "flow"}
+CFG = {"sample.guidance": "cfg", "sample.cfg_scale": 1.0}
+
+
+def _log(client, study, exp, parent, runs):
+    for i, (over, metrics, status) in enumerate(runs):
+        log_trial(client, study, exp, parent, i, trial_params(**over), metrics, status=status)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two studies: `ablate` (w sweep with seeds, a failed and a missing setting) and `system` (Tables 1/2)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp, parent = start_study(client, "ablate", str(root / "art"))
+    _log(client, "ablate", exp, parent, [
+        ({**DIT, "objective.w": 1.0}, {FID: 40.0, IS: 50.0, PREC: 0.5}, "finished"),
+        ({**DIT, "objective.w": 1.25}, {FID: 10.0, IS: 100.0, PREC: 0.6}, "finished"),
+        ({**DIT, "objective.w": 1.5, "train.seed": 0}, {FID: 7.0, IS: 100.0, PREC: 0.7}, "finished"),
+        ({**DIT, "objective.w": 1.5, "train.seed": 1}, {FID: 8.0, IS: 110.0, PREC: 0.7}, "finished"),
+        ({**DIT, "objective.w": 1.5, "train.seed": 2}, {FID: 9.0, IS: 120.0, PREC: 0.7}, "finished"),
+        ({**DIT, "objective.w": 2.0}, {}, "failed"),
+        ({**DIT, "objective.auto_w.enabled": True}, {FID: 7.5, IS: 130.0, PREC: 0.8}, "finished"),
+        ({**SIT, "objective.w": 1.0}, {FID: 30.0, IS: 60.0}, "finished"),
+        ({**SIT, "objective.w": 1.5}, {FID: 6.0, IS: 140.0}, "finished"),
+        ({**DIT, "objective.w": 1.5, "objective.label_drop": 0.2}, {FID: 11.0, IS: 90.0}, "finished"),
+    ])
+    exp, parent = start_study(client, "system", str(root / "art"))
+    _log(client, "system", exp, parent, [
+        ({**DIT, "objective.w": 1.0, "train.seed": 0}, {FID: 20.0, IS: 50.0, T.M_IMG_PER_S: 100.0}, "finished"),
+        ({**DIT, "objective.w": 1.0, "train.seed": 1}, {FID: 22.0, IS: 54.0, T.M_IMG_PER_S: 100.0}, "finished"),
+        ({**DIT, **CFG, "objective.w": 1.0}, {FID: 10.0, IS: 90.0, T.M_IMG_PER_S: 50.0}, "finished"),
+        ({**DIT, "objective.w": 1.5, "train.seed": 0}, {FID: 8.0, IS: 100.0, T.M_IMG_PER_S: 100.0}, "finished"),
+        ({**DIT, "objective.w": 1.5, "train.seed": 1}, {FID: 9.0, IS: 104.0, T.M_IMG_PER_S: 100.0}, "finished"),
+    ])
+    return uri
+
+
+@pytest.fixture(scope="module")
+def ablate(store):
+    return L.load_runs(store, "ablate")
+
+
+def _row(table, **match):
+    rows = table.rows
+    for k, v in match.items():
+        rows = rows[rows[k] == v]
+    assert len(rows) == 1, (match, rows)
+    return rows.iloc[0]
+
+
+def test_cast_param():
+    assert L.cast_param("True") is True and L.cast_param("False") is False
+    assert L.cast_param("None") is None and L.cast_param("3") == 3 and L.cast_param("1.5") == 1.5
+    assert L.cast_param("[1.0, 2.0]") == (1.0, 2.0) and L.cast_param("DiT-B/2") == "DiT-B/2"
+
+
+def test_load_runs_typed(ablate):
+    assert len(ablate) == 10 and ablate[T.TAG_TRIAL].tolist() == list(range(10))
+    assert ablate[L.P_W].dtype == "float64" and ablate[L.P_AUTO_W].dtype == "boolean"
+    assert ablate["train.steps"].dtype == "Int64" and ablate[FID].dtype == "float64"
+    assert ablate[L.P_W_RANGE].isna().all()
+    assert ablate[L.VARIANT].tolist() == ["vanilla", "mg", "mg", "mg", "mg", "mg", "mg", "vanilla", "mg", "mg"]
+    assert ablate[L.STATUS].tolist()[5] == "failed" and ablate[L.MLFLOW_STATUS].tolist()[5] == "FAILED"
+    assert ablate[L.STATUS].tolist().count("finished") == 9
+
+
+def test_sql_reader_equals_mlflow_search(store):
+    fast, slow = L.load_runs(store, "ablate", reader="sql"), L.load_runs(store, "ablate", reader="mlflow")
+    pd.testing.assert_frame_equal(fast, slow[fast.columns])
+
+
+def test_unknown_study_is_an_error(store):
+    with pytest.raises(LookupError, match="nope"):
+        L.load_runs(store, "nope")
+
+
+def test_table3_values_seeds_failed_missing(ablate):
+    t = build_table(ablate, 3, "ablate")
+    dit = dict(source="measured", model="DiT-T/2")
+    w15 = _row(t, setting="w=1.50", extra="objective.label_drop=0.1", **dit)
+    assert (w15["fid"], w15["fid_std"], w15["n_finished"]) == (8.0, 1.0, 3)
+    assert w15["is"] == pytest.approx(110.0) and w15["is_std"] == pytest.approx(10.0)
+    assert _row(t, setting="w=1.50", extra="objective.label_drop=0.2", **dit)["fid"] == 11.0
+    assert _row(t, setting="w=auto", **dit)["fid"] == 7.5
+    failed = _row(t, setting="w=2.00", **dit)
+    assert failed["status"] == "1 failed" and failed["n_runs"] == 1 and math.isnan(failed["fid"])
+    assert _row(t, setting="w=1.75", **dit)["status"] == "missing"
+    assert _row(t, source="measured", model="SiT-T/2", setting="w=1.00")["fid"] == 30.0
+    assert _row(t, source="paper", model="DiT-B/2", setting="w=1.50")["fid"] == 7.24
+    # Best per column within the block: lowest FID (auto, 7.5), highest IS (auto, 130).
+    block = t.rows[(t.rows["source"] == "measured") & (t.rows["model"] == "DiT-T/2")]
+    assert block.loc[block["fid_best"], "setting"].tolist() == ["w=auto"]
+    assert _row(t, source="paper", model="DiT-B/2", setting="w=1.50")["fid_best"]
+
+
+def test_table3_text(ablate):
+    md = to_markdown(build_table(ablate, 3, "ablate"))
+    assert "| DiT-T/2 | +MG | w=1.50 [objective.label_drop=0.1] | measured: digits, 2000 steps | 3 | 8.00 ± 1.00 |" in md
+    assert "| DiT-T/2 | +MG | w=2.00 | measured: digits, 2000 steps | 0/1 (1 failed) | failed |" in md
+    assert f"| DiT-T/2 | +MG | w=1.75 | measured: digits, 2000 steps | 0 (missing) | {DASH} |" in md
+    assert "| **7.50** |" in md and "paper: ImageNet 256, 400K steps" in md
+    tex = to_latex(build_table(ablate, 3, "ablate"))
+    assert r"8.00 $\pm$ 1.00" in tex and r"\textbf{7.50}" in tex and r"\toprule" in tex
+
+
+def test_paper_rows_match_published():
+    t4 = paper_rows(4)
+    assert len(t4) == 10 and t4.loc[t4["setting"] == "lambda=0.10", "fid"].tolist() == [7.24, 6.49]
+
+
+def test_tables_1_2_improve(store):
+    runs = L.load_runs(store, "system")
+    t1 = build_table(runs, 1, "system")
+    van = _row(t1, source="measured", variant="vanilla")
+    assert (van["fid"], van["n_finished"]) == (21.0, 2)
+    imp = _row(t1, source="measured", variant="improve")
+    assert imp["fid"] == pytest.approx(100 * (8.5 - 21.0) / 21.0) and imp["is"] == pytest.approx(100 * (102 - 52) / 52)
+    paper_imp = _row(t1, source="paper", variant="improve", model="DiT-XL/2")
+    assert paper_imp["fid"] == pytest.approx(100 * (2.03 - 9.62) / 9.62)
+    assert "| -59.5% |" in to_markdown(t1)
+    t2 = build_table(runs, 2, "system")
+    assert _row(t2, source="measured", variant="vanilla")["setting"] == "cfg"
+    assert _row(t2, source="measured", variant="improve")["fid"] == pytest.approx(-15.0)
+    assert _row(t2, source="measured", variant="improve")["img_per_s"] == pytest.approx(100.0)
+    assert len(t2.rows[t2.rows["variant"] == "baseline"]) == 10
+
+
+def test_render_idempotent_and_cli(store, tmp_path):
+    first = render("tables", "ablate", store, tmp_path / "a")
+    second = render("tables", "ablate", store, tmp_path / "b")
+    assert len(first) == 24
+    for p, q in zip(first, second):
+        assert p.read_bytes() == q.read_bytes(), p.name
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", "table4", "--study", "ablate", "--tracking-uri", store,
+                              "--out", str(tmp_path / "c")])
+    assert run_report(args) == 0
+    assert (tmp_path / "c" / "table4.csv").read_bytes() == (tmp_path / "a" / "table4.csv").read_bytes()
+    bad = parser.parse_args(["report", "table4", "--study", "nope", "--tracking-uri", store, "--out", str(tmp_path)])
+    assert run_report(bad) == 2
+
+
+def test_bench_report_small(tmp_path):
+    from mgbench.report.bench import bench_report
+
+    result = bench_report(n_runs=60, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert result["n_runs"] == 60 and (tmp_path / "out" / "table8.md").exists()
+    again = bench_report(n_runs=60, out_dir=tmp_path / "out2", cache_dir=tmp_path / "cache")
+    assert again["build_s"] < 1.0      # the store is cached
+    assert (tmp_path / "out" / "table3.csv").read_bytes() == (tmp_path / "out2" / "table3.csv").read_bytes()
