@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Cluster-mode services for tests: PostgreSQL (Optuna RDB storage, MLflow backend) and an MLflow
+# tracking server that SLURM jobs reach over HTTP. Everything lives in one private folder.
+# Usage: slurm/services.sh {install|start|stop|status|env}
+#   eval "$(slurm/services.sh env)"   # sets MGBENCH_PG_URL and MGBENCH_MLFLOW_URL
+# Knobs (environment): MGBENCH_SLURM_DIR (folder, default /tmp/mgbench-slurm; this script uses
+# its services/ subfolder), MGBENCH_PYTHON (runs mlflow, default the repo's .venv),
+# MGBENCH_SERVICES_TIMEOUT (seconds start waits for MLflow, default 120).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DIR="$BASE_DIR/services"                           # this script's part of the private folder
+RUN="$DIR/run"; LOGS="$DIR/log"; PG_DATA="$DIR/pg/data"; PG_SOCK="$DIR/pg/sock"
+PG_USER="mgbench"                                  # password role owning both databases
+PG_DB="mgbench"                                    # Optuna RDB storage (and other study data)
+MLFLOW_DB="mgbench_mlflow"                         # MLflow backend (own db: both use alembic_version)
+ENV_FILE="$DIR/env.sh"                             # what `env` prints, written at start
+START_TIMEOUT="${MGBENCH_SERVICES_TIMEOUT:-120}"
+PACKAGES=(postgresql)
+
+pg_bin() {
+  local d; d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+  [[ -n "$d" ]] || die "no PostgreSQL server under /usr/lib/postgresql: run slurm/services.sh install"
+  echo "$d"
+}
+as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }
+
+cmd_install() {
+  APT_LOG="${APT_LOG:-}" apt_install_missing "${PACKAGES[@]}"
+  "$MGBENCH_PYTHON" -c "import mlflow, psycopg2" 2>/dev/null ||
+    die "$MGBENCH_PYTHON lacks mlflow or psycopg2 (pip install -e '.[dev]')"
+}
+
+# Create the datadir once (owned by postgres, peer auth on the private socket, passwords on TCP).
+init_pg() {
+  local bin="$1"
+  mkdir -p "$DIR/pg" "$PG_SOCK"; chown postgres: "$DIR/pg" "$PG_SOCK"; chmod 700 "$PG_SOCK"
+  [[ -f "$PG_DATA/PG_VERSION" ]] && return 0
+  rm -rf "$PG_DATA"
+  as_postgres "$bin/initdb" -D "$PG_DATA" -U postgres -E UTF8 --locale=C \
+    --auth-local=peer --auth-host=scram-sha-256 >"$LOGS/initdb.log" 2>&1 ||
+    { tail -n 15 "$LOGS/initdb.log" >&2; die "initdb failed"; }
+}
+
+psql_admin() { as_postgres "$(pg_bin)/psql" -h "$PG_SOCK" -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
+
+# The password role and both databases, created when missing.
+create_db() {
+  local port="$1" pw="$2" db
+  if [[ -z "$(psql_admin "$port" -c "SELECT 1 FROM pg_roles WHERE rolname='$PG_USER'")" ]]; then
+    psql_admin "$port" -c "CREATE ROLE $PG_USER LOGIN PASSWORD '$pw'"
+  else psql_admin "$port" -c "ALTER ROLE $PG_USER PASSWORD '$pw'"; fi
+  for db in "$PG_DB" "$MLFLOW_DB"; do
+    [[ -n "$(psql_admin "$port" -c "SELECT 1 FROM pg_database WHERE datname='$db'")" ]] ||
+      psql_admin "$port" -c "CREATE DATABASE $db OWNER $PG_USER"
+  done
+}
+
+start_pg() {
+  local port="$1" bin; bin="$(pg_bin)"
+  init_pg "$bin"
+  rm -f "$PG_DATA/postmaster.pid"                  # stale after a hard stop; our PID file decides
+  spawn "$RUN/postgres.pid" "$LOGS/postgres.log" setpriv --reuid=postgres --regid=postgres --init-groups -- \
+    "$bin/postgres" -D "$PG_DATA" -p "$port" -k "$PG_SOCK" -c listen_addresses=127.0.0.1 \
+    -c shared_buffers=16MB -c max_connections=100 -c fsync=off
+  WAIT_PIDFILE="$RUN/postgres.pid" wait_for "PostgreSQL on port $port" 60 "$LOGS/postgres.log" "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"
+}
+
+mlflow_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$1/health"; }
+
+start_mlflow() {
+  local port="$1" backend="$2"
+  mkdir -p "$DIR/mlflow-artifacts"
+  # No job-execution workers (MLflow 3's huey consumers: ~7 processes, ~2 GB, unused here).
+  spawn "$RUN/mlflow.pid" "$LOGS/mlflow.log" env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+    "$MGBENCH_PYTHON" -m mlflow server \
+    --backend-store-uri "$backend" --artifacts-destination "$DIR/mlflow-artifacts" \
+    --host 127.0.0.1 --port "$port" --workers 1
+  WAIT_PIDFILE="$RUN/mlflow.pid" wait_for "MLflow server on port $port" "$START_TIMEOUT" "$LOGS/mlflow.log" mlflow_ready "$port"
+}
+
+cmd_start() {
+  if [[ -f "$ENV_FILE" ]] && pidfile_alive "$RUN/postgres.pid" && pidfile_alive "$RUN/mlflow.pid"; then
+    log "services already running ($ENV_FILE)"; return 0
+  fi
+  cmd_stop >/dev/null 2>&1 || true
+  mkdir -p "$RUN" "$LOGS"; chmod 755 "$BASE_DIR" "$DIR"
+  local t0=$SECONDS pg_port mlflow_port pw pg_url
+  [[ -f "$DIR/pg.password" ]] || { head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/pg.password"; chmod 600 "$DIR/pg.password"; }
+  pw="$(cat "$DIR/pg.password")"
+  pg_port="$(spare_port)"; mlflow_port="$(spare_port)"
+  start_pg "$pg_port"
+  create_db "$pg_port" "$pw"
+  pg_url="postgresql+psycopg2://$PG_USER:$pw@127.0.0.1:$pg_port"
+  start_mlflow "$mlflow_port" "$pg_url/$MLFLOW_DB"
+  cat >"$ENV_FILE" <<EOF
+export MGBENCH_PG_URL=$pg_url/$PG_DB
+export MGBENCH_MLFLOW_URL=http://127.0.0.1:$mlflow_port
+EOF
+  log "services up in $((SECONDS - t0))s: $(tr '\n' ' ' <"$ENV_FILE")"
+}
+
+cmd_stop() {
+  stop_pidfile "$RUN/mlflow.pid"
+  stop_pidfile "$RUN/postgres.pid" INT             # SIGINT = PostgreSQL's fast shutdown
+  rm -f "$ENV_FILE"
+  log "services stopped"
+}
+
+cmd_status() {
+  local d rc=0
+  for d in postgres mlflow; do
+    if pidfile_alive "$RUN/$d.pid"; then echo "$d: running (pid $(cat "$RUN/$d.pid"))"; else echo "$d: stopped"; rc=1; fi
+  done
+  [[ -f "$ENV_FILE" ]] && cat "$ENV_FILE"
+  return $rc
+}
+
+cmd_env() {
+  [[ -f "$ENV_FILE" ]] || die "services are not running (no $ENV_FILE): run slurm/services.sh start"
+  cat "$ENV_FILE"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  env) cmd_env ;;
+  *) echo "usage: $0 {install|start|stop|status|env}" >&2; exit 2 ;;
+esac
