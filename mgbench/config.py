@@ -161,7 +161,7 @@ class EvalConfig:
     extractor: str = "auto"        # auto (digits/mnist: mgbench's classifier; imagefolder: inception) | classifier | inception | a registered name
     inception_weights: str | None = None  # local file pt_inception-2015-12-05-6726825d.pth (never downloaded)
     reference: str | None = None   # ADM reference batch .npz (ImageNet); default: statistics of the training split
-    n_reference: int = 0           # training images in the reference statistics (0 = the whole split)
+    n_reference: int = 0           # training images in the reference statistics (0 = the whole split, at most 50,000)
     cache_dir: str = "~/.cache/mgbench"  # reference statistics and extractor weights
     batch_size: int = 256          # sampling batch for evaluation (also the IMG/S batch)
     cfg_sweep: list[float] = field(default_factory=list)  # extra evaluations at these CFG scales (Fig. 4)

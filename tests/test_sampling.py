@@ -303,6 +303,5 @@ def test_samples_do_not_depend_on_the_device(sampler, formulation):
               sampler=sampler, steps=8, guidance="cfg", cfg_scale=0.5, num_classes=4,
               learn_sigma=sampler == "ddpm", diffusion_steps=1000)
     cpu = sample(model, **kw).x
-    torch.backends.cuda.matmul.allow_tf32 = False
     gpu = sample(model.cuda(), **kw)
     assert gpu.x.is_cuda and torch.allclose(gpu.x.cpu(), cpu, atol=1e-3)

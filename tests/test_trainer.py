@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -143,14 +144,18 @@ def test_run_folder_refuses_another_config(tmp_path):
 
 def test_trainer_logs_params_implied_scale_samples_and_config(tmp_path):
     tr = T.MemoryTracker()
-    train(tiny(tmp_path / "p", objective__mg_fraction=0.5), tr)
+    train(tiny(tmp_path / "p", objective__mg_fraction=0.5, eval__cfg_sweep=[1.0]), tr)
     assert tr.params["objective.w"] == 1.5 and tr.params["model.arch"] == "MLP-S"
     assert tr.params["objective.implied_cfg_scale"] == pytest.approx(0.25 / 0.75)
     assert tr.series(T.M_IMPLIED_CFG)[-1] == pytest.approx(1 / 3)
     assert 0.2 < tr.series(T.M_LOSS_MG)[-1] < 0.5
     assert tr.series(T.M_PARAMS)[0] > 1000 and tr.series(T.M_GFLOPS)[0] > 0
     names = sorted(Path(p).name for p, _ in tr.artifacts)
-    assert names == ["config.yaml", "samples.npz", "step_00000040.png"]
+    assert names == ["config.yaml", "samples.npz", "samples_cfg_1.00.npz", "step_00000040.png"]
+    mg, mg_cfg = (np.load(tmp_path / "p" / "samples" / f) for f in ("samples.npz", "samples_cfg_1.00.npz"))
+    assert mg["nfe"] == 4 and mg_cfg["nfe"] == 8  # MG: 1 forward per step; CFG on top of MG: 2
+    assert mg["traj"].shape == (5, 16, 2) and np.array_equal(mg["y"], mg_cfg["y"])
+    assert not np.allclose(mg["x"], mg_cfg["x"])
     assert (tmp_path / "p" / "config.yaml").read_text().startswith("name: tiny")
 
 

@@ -42,17 +42,34 @@ def write_samples(cfg: TrainConfig, ema: torch.nn.Module, data: Dataset, w: floa
     png = folder / f"step_{step:08d}.png"
     if data.kind == "points":
         npz = folder / "samples.npz"
-        arrays = {"x": res.x.cpu().numpy(), "y": labels.cpu().numpy()}
-        if getattr(res, "trajectory", None) is not None:
-            arrays["traj"] = torch.stack([t.cpu() for t in res.trajectory]).numpy()
-        np.savez(npz, **arrays)
+        _save_points(npz, res, labels)
         _scatter(res.x.cpu().numpy(), labels.cpu().numpy(), png, f"{cfg.name} (step {step}, NFE {res.nfe})")
-        return [png, npz]
+        paths = [png, npz]
+        # The same seeds under CFG at each sweep scale (CFG on top of MG for MG models): Fig. 2's CFG panels.
+        for scale in cfg.eval.cfg_sweep:
+            guidance = "mg+cfg" if kw["guidance"] in ("mg", "mg+cfg") else "cfg"
+            swept = sample(ema, labels=labels, seeds=seeds, device=device, return_trajectory=True,
+                           **{**kw, "guidance": guidance, "cfg_scale": float(scale)})
+            paths.append(_save_points(folder / cfg_samples_name(scale), swept, labels))
+        return paths
     from torchvision.utils import save_image
 
     img = data.decode(res.x.cpu()).clamp(-1, 1)
     save_image((img + 1) / 2, png, nrow=int(np.ceil(np.sqrt(n))))
     return [png]
+
+
+def cfg_samples_name(scale: float) -> str:
+    """File name of the samples drawn with CFG at `scale` (beside samples.npz)."""
+    return f"samples_cfg_{scale:.2f}.npz"
+
+
+def _save_points(path: Path, res, labels: torch.Tensor) -> Path:
+    arrays = {"x": res.x.cpu().numpy(), "y": labels.cpu().numpy(), "nfe": np.array(res.nfe)}
+    if res.trajectory is not None:
+        arrays["traj"] = torch.stack([t.cpu() for t in res.trajectory]).numpy()
+    np.savez(path, **arrays)
+    return path
 
 
 def _scatter(x: np.ndarray, y: np.ndarray, path: Path, title: str) -> None:

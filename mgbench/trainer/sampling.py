@@ -8,6 +8,8 @@ Conventions (see paths.py for the two formulations):
 - Guidance: `none` = the conditional model; `cfg` = cond + s * (cond - uncond) from one batched
   forward (2 NFE per step, 1 + N without an empty class); `mg` = one forward of an MG model (w fed
   to w-input models); `mg+cfg` = CFG on top of an MG model (w for the cond branch, 0 for uncond).
+  w-input models get w = 1 under `none` and `cfg`; models without a w input ignore `w`
+  (a plain callable without a `w_input` attribute is fed `w` whenever it is given).
 - NFE counts network evaluations per sample (a batched cond/uncond forward counts 2).
 """
 from __future__ import annotations

@@ -1,0 +1,127 @@
+"""`mgbench eval RUN_DIR_OR_CHECKPOINT [--n N] [--metrics ...]`: evaluate a run's EMA weights.
+
+A run folder holds `config.yaml` and `checkpoints/ckpt_XXXXXXXX.pt` (keys model, ema, step, config, ...);
+the latest checkpoint is used unless a checkpoint file is given. Prints one `name value` line per
+metric (and writes them as JSON with --json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgbench.config import ConfigError, TrainConfig, load_train_config, train_config_from_dict
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `eval` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser("eval", help="evaluate a run folder or checkpoint (FID, IS, ... / grid2d metrics)")
+    p.add_argument("path", help="run folder (latest checkpoint) or a ckpt_XXXXXXXX.pt file")
+    p.add_argument("--n", type=int, default=None, help="generated samples (default: eval.n_samples)")
+    p.add_argument("--metrics", nargs="+", default=None, help="e.g. fid sfid is kid prc img_per_s")
+    p.add_argument("--batch-size", type=int, default=None, help="sampling batch (default: eval.batch_size)")
+    p.add_argument("--cfg-sweep", type=float, nargs="*", default=None, help="also evaluate at these CFG scales")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: sample.steps)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. eval.inception_weights=/data/pt_inception.pth (YAML value)")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate; 0 on success, 2 on a config/input error (one line on stderr)."""
+    try:
+        metrics = evaluate_checkpoint(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mgbench eval: {e}", file=sys.stderr)
+        return 2
+    for k, v in metrics.items():
+        print(f"{k} {v:.6g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint file, run folder) for a run folder or a checkpoint file."""
+    from mgbench.trainer.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if path.is_file():
+        return path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: no checkpoints/ckpt_XXXXXXXX.pt in this run folder")
+    return ckpt, path
+
+
+def load_run_config(state: dict[str, Any], run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """The run's config (from the checkpoint, else config.yaml) with KEY=VALUE overrides applied."""
+    import yaml
+
+    from mgbench.config import set_dotted
+
+    parsed = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        parsed[k] = yaml.safe_load(v)
+    if state.get("config") is None:
+        return load_train_config(run_dir / "config.yaml", parsed)
+    data = state["config"] if isinstance(state["config"], dict) else state["config"].to_dict()
+    data = json.loads(json.dumps(data))  # a deep copy
+    for k, v in parsed.items():
+        set_dotted(data, k, v)
+    return train_config_from_dict(data, f"{run_dir}/checkpoint config")
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
+    """Load the EMA weights of a checkpoint into build_model(...) and run the evaluation hook once."""
+    from mgbench.evaluation.hook import make_eval_hook
+    from mgbench.trainer.checkpoint import load_checkpoint
+    from mgbench.trainer.data import load_dataset
+    from mgbench.trainer.hooks import EvalContext
+    from mgbench.trainer.models import build_model
+
+    ckpt, run_dir = find_checkpoint(args.path)
+    state = load_checkpoint(ckpt)
+    cfg = load_run_config(state, run_dir, args.set)
+    if args.n is not None:
+        cfg.eval.n_samples = args.n
+    if args.metrics is not None:
+        cfg.eval.metrics = list(args.metrics)
+    if args.batch_size is not None:
+        cfg.eval.batch_size = args.batch_size
+    if args.cfg_sweep is not None:
+        cfg.eval.cfg_sweep = list(args.cfg_sweep)
+    if args.steps is not None:
+        cfg.sample.steps = args.steps
+    cfg.eval.validate("eval")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    data = load_dataset(cfg.data, "train", seed=cfg.train.seed, cache_root=run_dir.parent / "latents", device=device)
+    model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
+                        empty_class=cfg.objective.empty_class, learn_sigma=cfg.model.learn_sigma,
+                        w_input=cfg.model.w_input)
+    model.load_state_dict(state["ema"])
+    model.to(device).eval().requires_grad_(False)
+    w = _trained_w(state, cfg)
+    ctx = EvalContext(cfg, model, int(state.get("step", 0)), w, device, data, str(run_dir))
+    return make_eval_hook(cfg)(ctx)
+
+
+def _trained_w(state: dict[str, Any], cfg: TrainConfig) -> float:
+    """The w the run ended with (automatic w stores its own), else the configured w."""
+    auto = state.get("auto_w")
+    if isinstance(auto, dict) and "w" in auto:
+        return float(auto["w"])
+    return cfg.objective.w

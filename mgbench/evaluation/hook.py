@@ -1,0 +1,98 @@
+"""The trainer's evaluation hook: generate, decode, measure; optional CFG sweep and IMG/S.
+
+Returned names have no `eval/` prefix (fid, sfid, is, kid, precision, recall, in_class, off_support,
+coverage, swd, center_dist, img_per_s, nfe); sweep entries are named by `tracking.metric_sweep`
+(`sweep/cfg_scale_0.50/fid`), which the trainer logs as they are. Every rank samples its share;
+rank 0 computes the metrics and broadcasts them, so all ranks return the same dict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mgbench import tracking as T
+from mgbench.config import TrainConfig
+from mgbench.evaluation import metrics as M
+from mgbench.evaluation.generate import generate, save_images
+from mgbench.evaluation.grid2d import grid_metrics
+from mgbench.evaluation.speed import measure_throughput
+from mgbench.trainer.data import Grid2D
+from mgbench.trainer.hooks import EvalContext, EvalHook, sampling_kwargs
+
+
+def make_eval_hook(cfg: TrainConfig) -> EvalHook:
+    """An evaluation hook for a trainer config; the extractor and reference are resolved once, on first use."""
+    state: dict[str, Any] = {}
+
+    def hook(ctx: EvalContext) -> dict[str, float]:
+        out = evaluate(ctx, state)
+        base = sampling_kwargs(ctx.cfg, ctx.w, ctx.dataset)["guidance"]
+        for scale in ctx.cfg.eval.cfg_sweep:
+            guidance = "mg+cfg" if base in ("mg", "mg+cfg") else "cfg"
+            swept = evaluate(ctx, state, timing=False, guidance=guidance, cfg_scale=float(scale))
+            out.update({T.metric_sweep(scale, k): v for k, v in swept.items()})
+        return _broadcast(out, ctx)
+
+    return hook
+
+
+def evaluate(ctx: EvalContext, state: dict[str, Any], *, timing: bool = True, **overrides: Any) -> dict[str, float]:
+    """One evaluation with the run's sampler (plus overrides); metrics on rank 0, {} elsewhere."""
+    ev, data = ctx.cfg.eval, ctx.dataset
+
+    def sample_fn(labels: torch.Tensor, seeds: list[int]):
+        return ctx.sample(labels, seeds, **overrides)
+
+    points = data.kind == "points"
+    gen = generate(sample_fn, ev.n_samples, data.num_classes, seed=ctx.cfg.sample.seed, batch_size=ev.batch_size,
+                   rank=ctx.rank, world_size=ctx.world_size, postprocess=None if points else data.to_uint8)
+    if ctx.rank != 0:
+        return {}
+    if points:
+        grid = data.meta.get("grid") or Grid2D(ctx.cfg.data.grid_cells)
+        out = grid_metrics(gen.x, gen.y, grid, k=ev.coverage_k, seed=ctx.cfg.sample.seed + 1)
+    else:
+        out = _image_metrics(ctx, state, gen.x)
+        if ev.save != "none" and not overrides:
+            save_images(gen.x, Path(ctx.out_dir) / "eval" / f"step_{ctx.step:08d}", gen.y, ev.save)
+    out["nfe"] = float(gen.nfe)
+    if timing and "img_per_s" in ev.metrics:
+        speed = measure_throughput(sample_fn, batch_size=min(ev.batch_size, ev.n_samples),
+                                   num_classes=data.num_classes, device=ctx.device)
+        out["img_per_s"] = speed["img_per_s"]
+    return out
+
+
+def _image_metrics(ctx: EvalContext, state: dict[str, Any], images: torch.Tensor) -> dict[str, float]:
+    """FID & co. of uint8 images against the run's reference (resolved and cached in `state`)."""
+    ev = ctx.cfg.eval
+    names = M.normalise_metrics(ev.metrics)
+    if not names:
+        return {}
+    if "extractor" not in state:
+        state["extractor"] = M.resolve_extractor(ev, ctx.cfg.data)
+    ex = state["extractor"]
+    if "reference" not in state:
+        if ev.reference:
+            state["reference"] = M.adm_reference(ev.reference, ex, names, ev.cache_dir,
+                                                 batch_size=ev.batch_size, device=ctx.device)
+        else:
+            state["reference"] = M.dataset_reference(ctx.cfg.data, ex, names, ev.cache_dir, n=ev.n_reference,
+                                                     batch_size=ev.batch_size, device=ctx.device,
+                                                     dataset=ctx.dataset)  # the training split
+    out = M.image_metrics(images, state["reference"], ex, names, batch_size=ev.batch_size, device=ctx.device)
+    if "classifier_test_accuracy" in ex.info:
+        out["extractor_acc"] = float(ex.info["classifier_test_accuracy"])
+    return out
+
+
+def _broadcast(out: dict[str, float], ctx: EvalContext) -> dict[str, float]:
+    """Rank 0's metrics on every rank."""
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return out
+    box = [out]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
