@@ -10,7 +10,8 @@ import pandas as pd
 
 TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
-CHOICES = [*TABLES, *FIGURES, "tables", "figures", "all"]
+EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
+CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all"]
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,6 +61,14 @@ def render(what: str, study: str, tracking_uri: str | None = None, out: str | Pa
             paths += [_write_csv(data, out_dir / "fig5_convergence.csv"), _write_csv(gains, out_dir / "fig5_speedup.csv")]
         elif item == "fig6":
             paths.append(_write_csv(figures.fig6(runs, out_dir), out_dir / "fig6_scaling.csv"))
+        elif item == "toy":
+            from mgbench.report.toy import write_toy
+
+            paths += write_toy(runs, study, out_dir)
+        elif item == "frontier":
+            from mgbench.analysis.frontier_report import render_frontier
+
+            paths += render_frontier(study, tracking_uri, out_dir, runs=runs)
     return paths
 
 
@@ -67,7 +76,7 @@ def run_report(args: argparse.Namespace) -> int:
     """Entry point of `mgbench report`; prints the files written, returns the exit code."""
     try:
         paths = render(args.what, args.study, args.tracking_uri, args.out)
-    except LookupError as e:
+    except (LookupError, ValueError) as e:
         print(f"mgbench report: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     for path in paths:

@@ -210,11 +210,11 @@ def fig6(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- Figure 2
 
 
-def load_samples(tracking_uri: str | None, run_id: str) -> dict[str, np.ndarray]:
+def load_samples(tracking_uri: str | None, run_id: str, artifact: str = T.A_SAMPLES_NPZ) -> dict[str, np.ndarray]:
     """The arrays of a run's `samples/samples.npz` artifact (x, y, optional traj)."""
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=T.A_SAMPLES_NPZ, tracking_uri=tracking_uri)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=tracking_uri)
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
 
@@ -250,11 +250,27 @@ def _one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
     return done.assign(_method=labels).sort_values([L.P_SEED, T.TAG_TRIAL]).drop_duplicates("_method")
 
 
+def _cfg_panels(chosen: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
+    """Vanilla runs' seeds sampled under CFG (`samples/samples_cfg_<s>.npz`, one per eval.cfg_sweep scale)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    frames = []
+    for r in _finished(chosen[chosen[L.VARIANT] == "vanilla"]):
+        names = sorted(a.path for a in client.list_artifacts(r[L.RUN_ID], T.A_SAMPLES) if "samples_cfg_" in a.path)
+        for art in names:
+            scale = float(art.rsplit("samples_cfg_", 1)[1].removesuffix(".npz"))
+            label = f"CFG s={scale:.2f}"
+            part = fig2_data(pd.DataFrame([r]), {r[L.RUN_ID]: load_samples(tracking_uri, r[L.RUN_ID], art)})
+            frames.append(part.assign(method=label))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def fig2(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> pd.DataFrame:
     """Figure 2: the 2D toy; samples, trajectories and density per method (one run each, the lowest seed)."""
     chosen = _one_run_per_method(runs)
     samples = {rid: load_samples(tracking_uri, rid) for rid in chosen[L.RUN_ID]}
-    data = fig2_data(chosen, samples)
+    data = pd.concat([fig2_data(chosen, samples), _cfg_panels(chosen, tracking_uri)], ignore_index=True)
     methods = list(dict.fromkeys(data["method"]))
     plt, sns = _plt()
     fig, axes = plt.subplots(3, max(len(methods), 1), figsize=(3 * max(len(methods), 1), 8.4), squeeze=False)

@@ -1,0 +1,38 @@
+"""`mgbench frontier --study NAME`: MG against CFG at matched diversity, into reports/<study>/frontier.*."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from mgbench.analysis.frontier import DIVERSITY_METRICS, QUALITY_METRICS
+
+
+def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "frontier") -> argparse.ArgumentParser:
+    """Add the `frontier` sub-command (sets `func`) to an argparse sub-command group."""
+    p = subparsers.add_parser(name, help="effective CFG scale of MG models and the quality gap at matched diversity",
+                              description=__doc__)
+    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
+    p.add_argument("--quality", choices=sorted(QUALITY_METRICS), default=None,
+                   help="quality axis (default: off_support for grid2d, fid for images)")
+    p.add_argument("--diversity", choices=sorted(DIVERSITY_METRICS), default=None,
+                   help="diversity axis (default: coverage for grid2d, recall for images)")
+    p.add_argument("--level", type=float, default=0.9, help="confidence level of the bootstrap CIs")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--history", action="store_true",
+                   help="use every logged evaluation step (s* over training), not only the final one")
+    p.set_defaults(func=run_frontier)
+    return p
+
+
+def run_frontier(args: argparse.Namespace) -> int:
+    """Render the frontier report of one study and print the files written."""
+    from mgbench.analysis.frontier_report import render_frontier
+
+    paths = render_frontier(args.study, args.tracking_uri, args.out, args.quality, args.diversity,
+                            level=args.level, n_boot=args.n_boot, history=args.history)
+    for path in paths:
+        print(path)
+    return 0
