@@ -1,0 +1,115 @@
+"""`mgbench study validate|run|status|resume FILE`: the command line of studies."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from mgbench.config import ConfigError
+
+
+def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `study` with its sub-commands to an argparse subparsers object."""
+    p = subparsers.add_parser("study", help="run Optuna studies from a YAML spec (submitit + MLflow)")
+    sub = p.add_subparsers(dest="study_cmd", required=True)
+    for name, text in (("validate", "check a spec and every trial config it resolves to"),
+                       ("run", "run (or resume) a study to the end"),
+                       ("status", "show every trial: Optuna state, job, MLflow run"),
+                       ("resume", "reconcile a detached or killed study and finish it")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("spec", help="the study spec (studies/*.yaml)")
+        s.add_argument("--out-dir", default=None, help="override the spec's out_dir")
+        s.add_argument("--profile", default=None,
+                       help="run on SLURM with this site profile (slurm/profiles/<name>.yaml or a file)")
+        if name in ("run", "resume"):
+            s.add_argument("--detach", action="store_true", help="submit what fits and return (resume later)")
+            s.add_argument("--parallelism", type=int, default=None, help="override the spec's parallelism")
+        if name == "run":
+            s.add_argument("--dry-run", action="store_true",
+                           help="print the resolved trials (and the sbatch script for SLURM); submit nothing")
+    p.set_defaults(func=run_study_cli)
+    return p
+
+
+def run_study_cli(args: argparse.Namespace) -> int:
+    """Dispatch a parsed `study` command; a bad spec prints one line and returns 2."""
+    from mgbench.study.spec import load_spec
+
+    overrides: dict[str, Any] = {}
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    if getattr(args, "parallelism", None):
+        overrides["parallelism"] = args.parallelism
+    try:
+        if args.profile:
+            overrides["executor"] = _with_profile(args.spec, args.profile)
+        spec = load_spec(args.spec, overrides)
+        return _COMMANDS[args.study_cmd](spec, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _with_profile(path: str, profile: str) -> dict[str, Any]:
+    """The spec's executor section switched to SLURM with `profile` (its per-study overrides kept)."""
+    from mgbench.config import load_yaml
+
+    ex = load_yaml(path).get("executor") or {}
+    ex = {"type": ex} if isinstance(ex, str) else dict(ex)
+    if ex.get("type", "local") != "slurm":
+        ex = {"type": "slurm"}  # local/debug options do not carry over to SLURM
+    ex["profile"] = profile if Path(profile).is_absolute() or not Path(profile).exists() else str(Path(profile).resolve())
+    return ex
+
+
+def _validate(spec: Any, args: argparse.Namespace) -> int:
+    from mgbench.study.executors import check_executor
+
+    check_executor(spec)
+    print(f"{spec.path}: ok ({spec.sampler.type}, {spec.n_trials} trials, executor {spec.executor.type})")
+    return 0
+
+
+def _run(spec: Any, args: argparse.Namespace) -> int:
+    from mgbench.study.runner import run_study
+    from mgbench.study.status import dry_run
+
+    if getattr(args, "dry_run", False):
+        print(dry_run(spec))
+        return 0
+    s = run_study(spec, wait=not args.detach)
+    best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
+    print(f"study {spec.name}: {s.n_complete} complete, {s.n_pruned} pruned, {s.n_failed} failed, "
+          f"{s.n_running} running{best}")
+    if spec.report and s.n_running == 0 and s.n_complete > 0:
+        from mgbench.report.cli import render
+
+        out = Path("reports") / spec.name
+        for item in spec.report:
+            for path in render(item, spec.name, spec.tracking_uri, out):
+                print(f"report: {path}")
+    print(f"MLflow runs: experiment '{spec.name}' in {spec.tracking_uri} (browse: mgbench ui --study {spec.path})")
+    return 0 if s.n_failed == 0 else 1
+
+
+def _status(spec: Any, args: argparse.Namespace) -> int:
+    from mgbench.study.status import format_rows, status_rows
+
+    print(format_rows(status_rows(spec)))
+    return 0
+
+
+_COMMANDS = {"validate": _validate, "run": _run, "resume": _run, "status": _status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m mgbench.study.cli study run FILE`) until the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="mgbench")
+    add_study_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

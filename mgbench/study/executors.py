@@ -1,0 +1,175 @@
+"""Dispatch via submitit: executor parameters (site profile + per-study overrides), sbatch previews, job liveness.
+
+Spec option names are submitit's: the shared ones (timeout_min, mem_gb, gpus_per_node, tasks_per_node,
+cpus_per_task, nodes) as they are, SLURM-only ones (partition, account, qos, array_parallelism, setup,
+constraint, ...) with or without the `slurm_` prefix, `additional` for extra sbatch flags. submitit
+checks the names (unknown ones are errors).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from mgbench.config import ConfigError
+from mgbench.study.spec import StudySpec
+
+GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
+           "stderr_to_stdout")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60    # local/debug: submitit's default (2 min) would kill real trials
+SLURM_TIMEOUT_MIN = 60             # slurm: when neither profile nor spec sets timeout_min
+ALIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+               "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "UNKNOWN", "READY"}
+
+
+@dataclass
+class JobRef:
+    executor: str                  # local | debug | slurm
+    job_id: str                    # local: the controller's pid; slurm: JOBID or JOBID_TASK
+    folder: str                    # the submitit folder
+
+    def to_dict(self) -> dict[str, str]:
+        return {"executor": self.executor, "job_id": self.job_id, "folder": self.folder}
+
+
+def normalize(options: dict[str, Any]) -> dict[str, Any]:
+    """Spec/profile option names -> AutoExecutor parameter names."""
+    out = {}
+    for key, value in options.items():
+        if key == "additional":
+            key = "additional_parameters"
+        if key not in GENERIC and not key.startswith(("slurm_", "local_", "debug_")):
+            key = f"slurm_{key}"
+        out[key] = value
+    return out
+
+
+def executor_params(spec: StudySpec) -> dict[str, Any]:
+    """The AutoExecutor parameters of the study: defaults < site profile < spec overrides."""
+    ex = spec.executor
+    params: dict[str, Any] = {"name": f"mg-{spec.name}"}
+    params["timeout_min"] = SLURM_TIMEOUT_MIN if ex.type == "slurm" else LOCAL_TIMEOUT_MIN
+    if ex.profile:
+        params.update(normalize(_load_profile(ex.profile, spec.path)))
+    if ex.type == "slurm":  # the study's parallelism throttles its job arrays (%N), whatever the profile says
+        params["slurm_array_parallelism"] = spec.parallelism
+    params.update(normalize(ex.options))
+    return params
+
+
+def _load_profile(name: str, src: str) -> dict[str, Any]:
+    try:
+        from mgbench.study.profiles import load_profile
+    except ImportError as e:
+        raise ConfigError(f"{src}:executor.profile: site profiles are not available ({e})") from None
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
+        name = str(Path(src).parent / name)  # a profile file next to the spec
+    try:
+        return dict(load_profile(name))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        raise ConfigError(f"{src}:executor.profile: cannot load {name!r} ({e})") from None
+
+
+def check_executor(spec: StudySpec) -> dict[str, Any]:
+    """Let submitit check every option (names and types); errors read `file:executor.<key>: ...`."""
+    params = executor_params(spec)
+    raw_keys = {normalize({k: None}).popitem()[0]: k for k in spec.executor.options}
+    with tempfile.TemporaryDirectory() as tmp:
+        ex = submitit.AutoExecutor(folder=tmp, cluster="debug")
+        for key, value in params.items():
+            try:
+                ex.update_parameters(**{key: value})
+            except (NameError, ValueError, AssertionError, TypeError) as e:
+                field = raw_keys.get(key, key)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{spec.path}:executor.{field}: {first}") from None
+        if spec.executor.type == "slurm":
+            try:
+                sbatch_script(spec, params, None, Path(tmp))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{spec.path}:executor: {str(e).splitlines()[0]}") from None
+    return params
+
+
+def submitit_folder(spec: StudySpec) -> Path:
+    """Where submitit keeps pickles and logs (%j: one sub-folder per job)."""
+    return Path(spec.out_dir) / "submitit" / "%j"
+
+
+def make_executor(spec: StudySpec) -> submitit.AutoExecutor:
+    """The study's submitit executor with its parameters applied."""
+    folder = submitit_folder(spec)
+    ex = submitit.AutoExecutor(folder=folder, cluster=spec.executor.type)
+    params = executor_params(spec)
+    if spec.executor.type != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    ex.update_parameters(**params)
+    return ex
+
+
+def slurm_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """AutoExecutor parameters -> the keyword arguments of submitit's sbatch renderer (as SlurmExecutor maps them)."""
+    from submitit.slurm.slurm import SlurmExecutor, _convert_mem
+
+    eq = SlurmExecutor._equivalence_dict()
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in GENERIC and value is not None:
+            out[eq.get(key, key)] = _convert_mem(value) if key == "mem_gb" else value
+    for key, value in params.items():  # SLURM-specific names win over the shared ones
+        if key.startswith("slurm_"):
+            out[key[len("slurm_"):]] = value
+    return out
+
+
+def sbatch_script(spec: StudySpec, params: dict[str, Any], array_size: int | None, folder: Path | None = None) -> str:
+    """The sbatch script submitit would submit for this study (array_size: a job array of that many tasks)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = Path(folder or submitit_folder(spec))
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    kwargs = slurm_parameters(params)
+    if array_size and array_size > 1:
+        kwargs["map_count"] = array_size
+    return _make_sbatch_string(command=command, folder=folder, **kwargs)
+
+
+def job_ref(spec: StudySpec, job: Any) -> JobRef:
+    """A job's persistent reference (written into trial.json)."""
+    return JobRef(spec.executor.type, str(job.job_id), str(submitit_folder(spec)))
+
+
+def job_alive(ref: dict[str, str], job: Any | None = None) -> bool:
+    """Whether the job may still produce a result: the live handle if we have it, else the pid or sacct."""
+    if job is not None:
+        return not job.done()
+    kind = ref.get("executor")
+    if kind == "local":
+        return _pid_alive(int(ref["job_id"]))
+    if kind == "slurm":
+        state = submitit.SlurmJob(folder=ref["folder"], job_id=ref["job_id"]).state
+        return state.split(" ")[0].upper() in ALIVE_SLURM
+    return False  # debug jobs live inside the driver that ran them
+
+
+def _pid_alive(pid: int) -> bool:
+    if not Path("/proc").is_dir():
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")  # zombies stay when PID 1 does not reap them

@@ -1,0 +1,363 @@
+"""Study specs: YAML -> a typed `StudySpec`, validated at the edge with `file:field: ...` errors.
+
+A spec names a base trainer config (inline `base:` or `extends: other.yaml`, relative to the spec
+file, with `base:` on top), a search space keyed by dotted trainer keys, the Optuna sampler, the
+objective, pruning, storages and the executor. Every resolved trial config is validated with
+`train_config_from_dict` before anything is submitted.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mgbench.config import ConfigError, TrainConfig, from_dict, load_yaml, set_dotted, train_config_from_dict
+
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+EXECUTORS = ("local", "debug", "slurm")
+PARAM_TYPES = ("float", "int", "categorical")
+MAX_CORNER_CHECKS = 256  # search spaces: validate at most this many corner configs up front
+
+
+@dataclass
+class ParamSpec:
+    type: str = "float"            # float | int | categorical (a `grid:` list implies categorical)
+    low: float | None = None       # float/int: lower bound (inclusive)
+    high: float | None = None      # float/int: upper bound (inclusive)
+    log: bool = False              # float/int: sample on a log scale
+    step: float | None = None      # float/int: discretisation step
+    choices: list[Any] | None = None  # categorical: the values
+    grid: list[Any] | None = None  # ablation values (grid sampler; categorical for tpe/random)
+
+    @property
+    def values(self) -> list[Any] | None:
+        """The finite list of values, or None for a continuous range."""
+        return self.grid if self.grid is not None else self.choices
+
+
+@dataclass
+class SamplerSpec:
+    type: str = "tpe"              # grid | tpe | random
+    seed: int | None = None        # sampler seed (reproducible suggestions)
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str = "fid"            # final evaluation metric (name without "eval/") that Optuna optimises
+    direction: str = "minimize"    # minimize | maximize
+
+
+@dataclass
+class PruningSpec:
+    type: str = "none"             # none | median | percentile | successive_halving | hyperband
+    n_startup_trials: int = 2      # median/percentile: no pruning until this many trials finished
+    n_warmup_steps: int = 0        # median/percentile: no pruning before this trainer step
+    interval_steps: int = 1        # median/percentile: check every this many reported steps
+    percentile: float = 25.0       # percentile: keep trials in the best this-many percent
+
+
+@dataclass
+class ExecutorSpec:
+    type: str = "local"            # local (subprocesses) | debug (in-process) | slurm
+    profile: str | None = None     # slurm: site profile name (slurm/profiles/<name>.yaml) or path
+    options: dict[str, Any] = field(default_factory=dict)  # per-study submitit/sbatch overrides (partition, mem_gb, ...)
+
+
+@dataclass
+class StudySpec:
+    name: str                      # study name: Optuna study, MLflow experiment, default out_dir
+    path: str                      # the spec file (errors name it)
+    base: dict[str, Any]           # the base trainer config (extends + inline base merged)
+    space: dict[str, ParamSpec]    # dotted trainer key -> how it is searched
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    n_trials: int = 0              # trials in the study (grid: the grid size by default)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    pruning: PruningSpec = field(default_factory=PruningSpec)
+    storage: str = ""              # Optuna URI: sqlite:///..., journal:///path, postgresql://... (default: sqlite in out_dir)
+    tracking_uri: str = ""         # MLflow URI (default: sqlite:///<out_dir>/mlflow.db)
+    out_dir: str = ""              # study folder (default: runs/<name>)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    parallelism: int = 1           # trials in flight at once
+    max_retries: int = 3           # resubmissions of a trial whose job died without a result
+    poll_s: float = 2.0            # driver: seconds between polls of running jobs
+    entry: str = "mgbench.trainer.loop:train"  # the train function as module:attr (custom trainers, tests)
+    eval_hook: str = "mgbench.evaluation:make_eval_hook"  # evaluation-hook factory (cfg -> hook) as module:attr
+    report: list[str] = field(default_factory=list)  # `mgbench report` items rendered when the study ends (toy, fig2, table3, ...)
+    raw: dict[str, Any] = field(default_factory=dict)  # the spec as read (logged as an artifact)
+
+    @property
+    def grid(self) -> dict[str, list[Any]]:
+        """The grid of a grid study (every param has finite values)."""
+        return {k: p.values for k, p in self.space.items()}  # type: ignore[misc]
+
+    def trial_config(self, params: dict[str, Any], number: int, out_dir: str) -> dict[str, Any]:
+        """The trainer config mapping of one trial (base + params + its folder)."""
+        data = copy.deepcopy(self.base)
+        for key, value in params.items():
+            set_dotted(data, key, value)
+        data["name"] = f"{self.name}-{number:04d}"
+        data["out_dir"] = out_dir
+        return data
+
+
+_TOP_KEYS = {"name", "extends", "base", "space", "sampler", "n_trials", "objective", "pruning", "storage",
+             "tracking_uri", "out_dir", "executor", "parallelism", "max_retries", "poll_s", "entry", "eval_hook",
+             "report"}
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
+    """Read, resolve and validate a study spec; `overrides` replace top-level keys (e.g. out_dir)."""
+    path = Path(path)
+    raw = load_yaml(path)
+    raw.update(overrides or {})
+    src = str(path)
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{src}:{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
+        raise ConfigError(f"{src}:name: expected a name of letters, digits, '_', '-', '.', got {name!r}")
+    spec = StudySpec(name=name, path=src, base=_resolve_base(raw, path), space=_parse_space(raw.get("space"), src),
+                     raw=copy.deepcopy(raw))
+    spec.sampler = _parse_sampler(raw.get("sampler", "tpe"), src)
+    spec.objective = from_dict(ObjectiveSpec, raw.get("objective"), f"{src}:objective")
+    spec.pruning = _parse_pruning(raw.get("pruning", "none"), src)
+    spec.executor = _parse_executor(raw.get("executor", "local"), src)
+    for key in ("parallelism", "max_retries", "n_trials"):
+        _int_field(raw, key, src, low=0 if key != "parallelism" else 1)
+    spec.parallelism = raw.get("parallelism", 1)
+    spec.max_retries = raw.get("max_retries", 3)
+    spec.poll_s = float(_num_field(raw, "poll_s", src, 2.0))
+    for key in ("entry", "eval_hook"):
+        setattr(spec, key, _str_field(raw, key, src, getattr(spec, key)))
+        if ":" not in getattr(spec, key):
+            raise ConfigError(f"{src}:{key}: expected module:function, got {getattr(spec, key)!r}")
+    out = Path(_str_field(raw, "out_dir", src, f"runs/{name}")).expanduser().resolve()
+    spec.out_dir = str(out)
+    spec.storage = _str_field(raw, "storage", src, f"sqlite:///{out / 'optuna.db'}")
+    spec.tracking_uri = _str_field(raw, "tracking_uri", src, f"sqlite:///{out / 'mlflow.db'}")
+    spec.report = _parse_report(raw.get("report", []), src)
+    _check_choices(spec, src)
+    spec.n_trials = _n_trials(spec, raw.get("n_trials"), src)
+    validate_space(spec)
+    return spec
+
+
+def _parse_report(items: Any, src: str) -> list[str]:
+    from mgbench.report.cli import CHOICES
+
+    items = [items] if isinstance(items, str) else items
+    if not isinstance(items, list):
+        raise ConfigError(f"{src}:report: expected a list of report items, got {items!r}")
+    for item in items:
+        if item not in CHOICES:
+            raise ConfigError(f"{src}:report: {item!r} is not one of {', '.join(CHOICES)}")
+    return list(items)
+
+
+def _resolve_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    base: dict[str, Any] = {}
+    ext = raw.get("extends")
+    if ext is not None:
+        if not isinstance(ext, str):
+            raise ConfigError(f"{path}:extends: expected a file name, got {ext!r}")
+        target = (path.parent / ext).resolve()
+        if not target.is_file():
+            raise ConfigError(f"{path}:extends: no such file {str(target)!r}")
+        base = load_yaml(target)
+    inline = raw.get("base") or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{path}:base: expected a mapping of trainer config, got {type(inline).__name__}")
+    _deep_update(base, inline)
+    return base
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def _parse_space(space: Any, src: str) -> dict[str, ParamSpec]:
+    if space is None:
+        return {}
+    if not isinstance(space, dict):
+        raise ConfigError(f"{src}:space: expected a mapping of dotted trainer keys, got {type(space).__name__}")
+    known = _flat_keys(TrainConfig().to_dict())
+    out = {}
+    for key, body in space.items():
+        where = f"{src}:space.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown trainer key (e.g. objective.w, objective.label_drop, train.seed)")
+        if isinstance(body, list):
+            body = {"grid": body}
+        p = from_dict(ParamSpec, body, where)
+        _check_param(p, where)
+        out[key] = p
+    return out
+
+
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        if isinstance(v, dict):
+            keys |= _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def _check_param(p: ParamSpec, where: str) -> None:
+    if p.grid is not None or p.choices is not None:
+        vals = p.values
+        if not vals:
+            raise ConfigError(f"{where}.{'grid' if p.grid is not None else 'choices'}: empty list (give at least one value)")
+        if p.grid is not None:
+            p.type = "categorical"
+        return
+    if p.type not in PARAM_TYPES:
+        raise ConfigError(f"{where}.type: {p.type!r} is not one of {', '.join(PARAM_TYPES)}")
+    if p.type == "categorical":
+        raise ConfigError(f"{where}.choices: required for type categorical")
+    for b in ("low", "high"):
+        if getattr(p, b) is None:
+            raise ConfigError(f"{where}.{b}: required for type {p.type}")
+    if p.low > p.high:
+        raise ConfigError(f"{where}.low: {p.low} is above high {p.high}")
+    if p.log and p.low <= 0:
+        raise ConfigError(f"{where}.low: must be > 0 with log: true, got {p.low}")
+    if p.log and p.step is not None:
+        raise ConfigError(f"{where}.step: not allowed with log: true")
+    if p.type == "int" and any(v is not None and v != int(v) for v in (p.low, p.high, p.step)):
+        raise ConfigError(f"{where}: int ranges need integer low/high/step")
+
+
+def _parse_sampler(value: Any, src: str) -> SamplerSpec:
+    s = SamplerSpec(type=value) if isinstance(value, str) else from_dict(SamplerSpec, value, f"{src}:sampler")
+    if s.type not in SAMPLERS:
+        raise ConfigError(f"{src}:sampler: {s.type!r} is not one of {', '.join(SAMPLERS)}")
+    return s
+
+
+def _parse_pruning(value: Any, src: str) -> PruningSpec:
+    p = PruningSpec(type=value) if isinstance(value, str) else from_dict(PruningSpec, value, f"{src}:pruning")
+    if p.type not in PRUNERS:
+        raise ConfigError(f"{src}:pruning.type: {p.type!r} is not one of {', '.join(PRUNERS)}")
+    return p
+
+
+def _parse_executor(value: Any, src: str) -> ExecutorSpec:
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}:executor: expected local | debug | slurm or a mapping, got {value!r}")
+    opts = dict(value)
+    kind = opts.pop("type", "local")
+    if kind not in EXECUTORS:
+        raise ConfigError(f"{src}:executor.type: {kind!r} is not one of {', '.join(EXECUTORS)}")
+    profile = opts.pop("profile", None)
+    if profile is not None and not isinstance(profile, str):
+        raise ConfigError(f"{src}:executor.profile: expected a profile name, got {profile!r}")
+    return ExecutorSpec(type=kind, profile=profile, options=opts)
+
+
+def _check_choices(spec: StudySpec, src: str) -> None:
+    if spec.objective.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"{src}:objective.direction: {spec.objective.direction!r} is not one of minimize, maximize")
+    if spec.sampler.type == "grid":
+        for key, p in spec.space.items():
+            if p.values is None:
+                raise ConfigError(f"{src}:space.{key}: the grid sampler needs `grid: [...]` or choices, not a range")
+        if not spec.space:
+            raise ConfigError(f"{src}:space: the grid sampler needs at least one `grid: [...]` entry")
+    scheme = spec.storage.split("://", 1)[0]
+    if "://" not in spec.storage:
+        raise ConfigError(f"{src}:storage: expected a URI (sqlite:///..., journal:///path, postgresql://...), got {spec.storage!r}")
+    if scheme == "journal" and not spec.storage[len("journal://"):].startswith("/"):
+        raise ConfigError(f"{src}:storage: journal needs an absolute path (journal:///abs/path.log)")
+
+
+def _n_trials(spec: StudySpec, value: Any, src: str) -> int:
+    if spec.sampler.type == "grid":
+        size = 1
+        for vals in spec.grid.values():
+            size *= len(vals)
+        if value is not None and value > size:
+            raise ConfigError(f"{src}:n_trials: {value} is more than the grid size {size}")
+        return value or size
+    if not value:
+        raise ConfigError(f"{src}:n_trials: required (> 0) for sampler {spec.sampler.type}")
+    return value
+
+
+def _int_field(raw: dict[str, Any], key: str, src: str, low: int) -> None:
+    v = raw.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        raise ConfigError(f"{src}:{key}: expected an integer >= {low}, got {v!r}")
+
+
+def _num_field(raw: dict[str, Any], key: str, src: str, default: float) -> float:
+    v = raw.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ConfigError(f"{src}:{key}: expected a number > 0, got {v!r}")
+    return v
+
+
+def _str_field(raw: dict[str, Any], key: str, src: str, default: str) -> str:
+    v = raw.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{src}:{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- trial configs
+
+
+def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
+    """Every point of a grid study, in a fixed order."""
+    keys = list(spec.grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*spec.grid.values())]
+
+
+def corner_points(spec: StudySpec) -> list[dict[str, Any]]:
+    """Ends of every range and every finite value (the product, capped), for up-front validation."""
+    axes = {}
+    for key, p in spec.space.items():
+        vals = p.values if p.values is not None else [p.low, p.high]
+        if p.values is None and p.type == "int":
+            vals = [int(v) for v in vals]
+        axes[key] = list(dict.fromkeys(vals))
+    keys = list(axes)
+    combos = itertools.islice(itertools.product(*axes.values()), MAX_CORNER_CHECKS)
+    return [dict(zip(keys, c)) for c in combos] or [{}]
+
+
+def validate_trial(spec: StudySpec, params: dict[str, Any], number: int = 0) -> TrainConfig:
+    """Validate one trial's resolved config; errors name the spec file and the space or base field."""
+    data = spec.trial_config(params, number, str(Path(spec.out_dir) / "trials" / f"{number:04d}"))
+    try:
+        return train_config_from_dict(data, "trial")
+    except ConfigError as e:
+        msg = str(e)
+        m = re.match(r"trial:([^:]+): (.*)", msg)
+        if not m:
+            raise ConfigError(f"{spec.path}:base: {msg}") from None
+        fld, rest = m.groups()
+        section = "space" if fld in params else "base"
+        given = f" (trial {params})" if params else ""
+        raise ConfigError(f"{spec.path}:{section}.{fld}: {rest}{given}") from None
+
+
+def validate_space(spec: StudySpec) -> None:
+    """Validate the base config and every grid point (or the corners of the ranges)."""
+    points = grid_points(spec) if spec.sampler.type == "grid" else corner_points(spec)
+    for params in points:
+        validate_trial(spec, params)

@@ -1,0 +1,202 @@
+"""One trial on disk and as a job: `trial.json` (identity, written before training), `result.json`, `TrialJob`.
+
+The job is a submitit `Checkpointable`: a preempted or timed-out SLURM job resubmits itself, and the
+rerun trains on in the same folder, where the trainer resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from mgbench.config import train_config_from_dict
+from mgbench.study.spec import StudySpec
+from mgbench.tracking import TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
+
+TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow run id, folder, params, config, jobs
+RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metrics, step, error
+
+
+def trial_dir(spec: StudySpec, number: int) -> Path:
+    """The trial's folder: identity, result and the trainer's checkpoints."""
+    return Path(spec.out_dir) / "trials" / f"{number:04d}"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (write a sibling, then rename), so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Read a JSON file, or None when it is not there."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def read_trial(folder: Path) -> dict[str, Any]:
+    """The identity record of the trial in `folder`."""
+    rec = read_json(folder / TRIAL_FILE)
+    if rec is None:
+        raise FileNotFoundError(f"{folder / TRIAL_FILE}: no trial record")
+    return rec
+
+
+def list_trials(spec: StudySpec) -> dict[int, dict[str, Any]]:
+    """Every trial record of the study, by trial number."""
+    root = Path(spec.out_dir) / "trials"
+    out = {}
+    for f in sorted(root.glob(f"*/{TRIAL_FILE}")):
+        rec = read_json(f)
+        if rec is not None:
+            out[int(rec["number"])] = rec
+    return out
+
+
+def slurm_job_tag() -> str | None:
+    """The SLURM job id of this process (array tasks: JOBID_TASK), or None outside SLURM."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def load_entry(entry: str) -> Callable[..., Any]:
+    """Import `module:function`."""
+    module, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class PruningHook:
+    """Wraps the evaluation hook: reports the objective metric to Optuna and raises TrialPruned when told."""
+
+    def __init__(self, inner: Callable[[Any], dict[str, float]] | None, spec: StudySpec, trial_id: int) -> None:
+        self.inner = inner
+        self.spec = spec
+        self.trial_id = trial_id
+        self._trial = None
+
+    def _optuna_trial(self) -> Any:
+        if self._trial is None:
+            import optuna
+
+            from mgbench.study.optuna_io import open_study
+
+            self._trial = optuna.trial.Trial(open_study(self.spec, create=False), self.trial_id)
+        return self._trial
+
+    def __call__(self, ctx: Any) -> dict[str, float]:
+        metrics = self.inner(ctx) if self.inner is not None else {}
+        value = metrics.get(self.spec.objective.metric)
+        if value is None or getattr(ctx, "rank", 0) != 0:
+            return metrics
+        trial = self._optuna_trial()
+        trial.report(float(value), int(ctx.step))
+        final = int(ctx.step) >= int(ctx.cfg.train.steps)
+        if not final and self.spec.pruning.type != "none" and trial.should_prune():
+            import optuna
+
+            raise optuna.TrialPruned(f"pruned at step {ctx.step}: {self.spec.objective.metric}={value:.4g}")
+        return metrics
+
+
+def make_inner_hook(spec: StudySpec, cfg: Any) -> Callable[[Any], dict[str, float]]:
+    """The evaluation hook the spec names (a factory `cfg -> hook`)."""
+    try:
+        factory = load_entry(spec.eval_hook)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"eval_hook {spec.eval_hook!r} cannot be imported ({e})") from None
+    return factory(cfg)
+
+
+def _export_distributed() -> int:
+    """Multi-task jobs: export torch.distributed's env (MASTER_ADDR, RANK, ...); returns the global rank."""
+    try:
+        env = submitit.JobEnvironment()
+        ntasks = env.num_tasks
+    except Exception:
+        return int(os.environ.get("RANK", 0))
+    if ntasks > 1:
+        return submitit.helpers.TorchDistributedEnvironment().export().rank
+    return 0
+
+
+class TrialJob(submitit.helpers.Checkpointable):
+    """Trains one trial from its `trial.json`; rerunning it resumes the same trial, run and folder."""
+
+    def __init__(self, spec: StudySpec, number: int) -> None:
+        self.spec = spec
+        self.number = number
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Preempted or timed out: requeue the same trial (the trainer resumes from its checkpoint)."""
+        return submitit.helpers.DelayedSubmission(TrialJob(self.spec, self.number))
+
+    def __call__(self) -> dict[str, Any]:
+        folder = trial_dir(self.spec, self.number)
+        rec = read_trial(folder)
+        rank = _export_distributed()
+        started = time.time()
+        tracker = MlflowTracker(rec["run_id"], self.spec.tracking_uri) if rank == 0 else None
+        if tracker is not None:
+            _set_tags(tracker, {TAG_STATUS: "running", TAG_SLURM_JOB: slurm_job_tag()})
+        try:
+            result = self._train(rec, tracker)
+        except Exception as e:  # noqa: BLE001 - every failure is recorded, never lost
+            result = _failure(e)
+        if rank == 0:
+            result.update(started_at=started, finished_at=time.time(), pid=os.getpid())
+            write_json(folder / RESULT_FILE, result)
+            if tracker is not None:
+                _close_run(tracker, result)
+        return result
+
+    def _train(self, rec: dict[str, Any], tracker: MlflowTracker | None) -> dict[str, Any]:
+        import optuna
+
+        cfg = train_config_from_dict(rec["config"], f"{rec['out_dir']}/{TRIAL_FILE}")
+        hook = PruningHook(make_inner_hook(self.spec, cfg), self.spec, rec["trial_id"])
+        train = load_entry(self.spec.entry)
+        try:
+            res = train(cfg, tracker=tracker, eval_hook=hook)
+        except optuna.TrialPruned as e:
+            return {"status": "pruned", "value": None, "metrics": {}, "step": None, "error": str(e)}
+        metrics = {k: float(v) for k, v in (res.metrics or {}).items()}
+        value = metrics.get(self.spec.objective.metric)
+        status = res.status
+        error = None
+        if status == "finished" and value is None:
+            status, error = "failed", f"objective metric {self.spec.objective.metric!r} not in {sorted(metrics)}"
+        return {"status": status, "value": value, "metrics": metrics, "step": res.step, "error": error}
+
+
+def _failure(e: BaseException) -> dict[str, Any]:
+    return {"status": "failed", "value": None, "metrics": {}, "step": None,
+            "error": "".join(traceback.format_exception_only(type(e), e)).strip(),
+            "traceback": traceback.format_exc()}
+
+
+def _set_tags(tracker: MlflowTracker, tags: dict[str, str | None]) -> None:
+    for k, v in tags.items():
+        if v is not None:
+            tracker.client.set_tag(tracker.run_id, k, v)
+
+
+def _close_run(tracker: MlflowTracker, result: dict[str, Any]) -> None:
+    """Flush metrics; a finished, failed or pruned trial ends its MLflow run (paused keeps it running)."""
+    tracker.flush()
+    status = result["status"]
+    if status == "paused":
+        return
+    tracker.client.set_tag(tracker.run_id, TAG_STATUS, status)
+    end = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}[status]
+    tracker.client.set_terminated(tracker.run_id, end)
