@@ -70,13 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-every", type=int, default=1, help="print every n-th logged window")
     t.set_defaults(func=cmd_train)
 
+    from mgbench.analysis.cli import add_frontier_parser
+    from mgbench.bench.cli import add_bench_parser
     from mgbench.evaluation.cli import add_eval_parser
     from mgbench.report.cli import add_report_parser
     from mgbench.study.cli import add_study_parser
+    from mgbench.ui import add_dashboard_parser, add_ui_parser
 
     add_eval_parser(sub)
     add_study_parser(sub)
     add_report_parser(sub)
+    add_frontier_parser(sub)
+    add_ui_parser(sub)
+    add_dashboard_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

@@ -271,7 +271,9 @@ def fig2(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> p
     chosen = _one_run_per_method(runs)
     samples = {rid: load_samples(tracking_uri, rid) for rid in chosen[L.RUN_ID]}
     data = pd.concat([fig2_data(chosen, samples), _cfg_panels(chosen, tracking_uri)], ignore_index=True)
-    methods = list(dict.fromkeys(data["method"]))
+    # The paper's order: the conditional model, CFG on it, then MG.
+    rank = {"vanilla": 0, "CFG": 1}
+    methods = sorted(dict.fromkeys(data["method"]), key=lambda m: rank.get(m.split(" ")[0], 2))
     plt, sns = _plt()
     fig, axes = plt.subplots(3, max(len(methods), 1), figsize=(3 * max(len(methods), 1), 8.4), squeeze=False)
     for j, method in enumerate(methods):

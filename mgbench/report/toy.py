@@ -93,7 +93,7 @@ def _cell(row: dict, m: str) -> str:
 
 def to_markdown(table: pd.DataFrame, study: str, scale: str) -> str:
     head = ["Method", "NFE/step", "implied s", *[h for _, h, _ in METRICS], "Runs"]
-    lines = [f"# {study}: the 2D toy (grid2d), {scale}", "",
+    lines = [f"# {study}: the 2D toy ({scale})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.to_dict("records"):
         nfe = "-" if pd.isna(row["nfe_per_step"]) else f"{row['nfe_per_step']:.0f}"

@@ -1,0 +1,137 @@
+"""`mgbench bench` at tiny sizes: the structure of the report and the sanity of its ratios (no absolute timings)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from mgbench.bench import gpu
+from mgbench.bench.cli import add_bench_parser, parse_only, run_bench
+from mgbench.bench.harness import mlflow_cost
+from mgbench.bench.markdown import load_results, table
+from mgbench.bench.models import bench_models
+from mgbench.bench.sampling import SamplingCase, bench_sampling
+from mgbench.bench.timing import Check, interleaved, peak_rss_mb
+from mgbench.bench.training import NUM_CLASSES, VARIANTS, TrainingCase, Variant, bench_training
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_bench_parser(p.add_subparsers(dest="command"))
+    return p.parse_args(["bench", *argv])
+
+
+def test_flop_bounds_of_the_variants():
+    bounds = {v.name: v.bound for v in VARIANTS}
+    assert bounds["vanilla"] == 1.0
+    assert bounds["MG"] == pytest.approx(5 / 3) and bounds["MG, w-input"] == pytest.approx(5 / 3)
+    assert bounds["MG, no empty class, N=4"] == pytest.approx((3 + 1 + 4) / 3)
+    assert bounds["MG, no empty class, N=10"] == pytest.approx((3 + 1 + NUM_CLASSES) / 3)
+    assert Variant("all labels", True, empty_class=False).bound == pytest.approx((4 + NUM_CLASSES) / 3)
+
+
+def test_interleaved_rotates_order_and_counts_calls():
+    calls: list[str] = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_mg_samples_faster_than_cfg():
+    case = SamplingCase("DiT-T/2", (1, 8, 8), 32, 4)
+    sec = bench_sampling([case], repeats=3)
+    (row,) = sec.rows
+    assert (row["NFE MG"], row["NFE CFG"]) == (4, 8)  # one forward per step against two
+    assert row["MG/CFG"] == pytest.approx(row["MG img/s"] / row["CFG img/s"], rel=1e-2)
+    assert row["MG/CFG"] > 1.3
+    assert sec.checks[0].value == pytest.approx(row["MG/CFG"], rel=1e-2)
+
+
+def test_mg_training_costs_more_than_vanilla_and_stays_near_its_bound():
+    case = TrainingCase("DiT-T/2", (1, 8, 8), 32, 1)
+    sec = bench_training([case], [VARIANTS[0], VARIANTS[1], VARIANTS[4]], repeats=3)
+    rows = {r["variant"]: r for r in sec.rows}
+    assert rows["vanilla"]["ratio"] == 1.0
+    assert 1.1 < rows["MG"]["ratio"] < 5 / 3 * 1.5
+    # Eleven teacher forwards (cond + 10 labels) cost clearly more than two.
+    assert rows["MG, no empty class, N=10"]["ratio"] > rows["MG"]["ratio"]
+    assert [c.goal for c in sec.checks][0].endswith("FLOP bound 1.667")
+    assert len(sec.checks) == 2
+
+
+def test_model_rows_grow_with_size():
+    sec = bench_models(["DiT-XS/2", "DiT-T/2"], shape=(1, 8, 8), batch=4, repeats=2)
+    xs, t = sec.rows
+    assert t["params (M)"] > xs["params (M)"] and t["fwd GFLOP/sample"] > xs["fwd GFLOP/sample"]
+    assert xs["fwd+bwd ms"] > 0 and xs["achieved TFLOP/s"] > 0
+
+
+def test_peak_rss_sees_a_large_allocation():
+    mb = peak_rss_mb(lambda: torch.ones(64 * 2**20 // 4).sum())
+    if mb is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 50 < mb < 400
+
+
+def test_mlflow_cost_logs_every_cadence(tmp_path):
+    res = mlflow_cost(steps=20, log_every=(1, 10), flush_every=0.05, folder=tmp_path)
+    assert res[1]["logged"] == 20 and res[10]["logged"] == 2
+    assert res[1]["s_per_step"] > res[10]["s_per_step"] > 0
+
+
+def test_only_is_validated():
+    assert parse_only("training, sampling") == ["sampling", "training"]
+    assert parse_only("") == ["sampling", "training", "models", "harness", "report"]
+    with pytest.raises(ValueError, match="unknown section 'speed'"):
+        parse_only("speed")
+
+
+def test_cli_writes_the_report_and_merges_gpu_results(tmp_path, capsys):
+    assert gpu.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "gpu")]) == 0
+    res = load_results(tmp_path / "gpu" / "gpu_results.json")
+    assert [s["name"] for s in res["sections"]] == ["sampling", "training", "models"]
+    assert res["settings"]["device"] == "cpu" and res["settings"]["quick"] is True
+    assert "Claims against goals" in (tmp_path / "gpu" / "gpu_results.md").read_text()
+
+    out = tmp_path / "benchmarks.md"
+    args = parse(["--quick", "--only", "sampling", "--out", str(out), "--json", str(tmp_path / "b.json")])
+    sections, text = run_bench(args, echo=print)
+    printed = capsys.readouterr().out
+    assert "sampling MG/CFG img/s" in printed and "(goal >= 1.80" in printed
+    assert text == out.read_text()
+    for needle in ("## CPU", "- cpu:", "- cores:", "- torch:", "- torch_threads: 1", "- date:",
+                   "| claim | measured | goal | met |", "Not run in this invocation: training, models"):
+        assert needle in text
+    assert "not measured yet: run `python -m mgbench.bench.gpu" in text
+    assert json.loads((tmp_path / "b.json").read_text())["sections"][0]["name"] == "sampling"
+
+    merged = parse(["--quick", "--only", "sampling", "--out", str(out),
+                    "--gpu-results", str(tmp_path / "gpu" / "gpu_results.json")])
+    _, text = run_bench(merged, echo=lambda s: None)
+    gpu_part = text.split("## GPU", 1)[1]
+    assert "DiT-XS/2" in gpu_part and "Settings:" in gpu_part and "not measured yet" not in gpu_part
+
+    bad = parse(["--only", "sampling", "--out", str(out), "--gpu-results", str(tmp_path / "missing.json")])
+    assert bad.func(bad) == 2
+    assert "no such GPU results file" in capsys.readouterr().err
+
+
+def test_markdown_table_and_check_line():
+    assert table([{"a": 1, "b": None}, {"a": 2, "c": "x"}]).splitlines() == [
+        "| a | b | c |", "|---|---|---|", "| 1 |  |  |", "| 2 |  | x |"]
+    assert Check("r", 1.95, "~2", True).line() == "r: 1.950  (goal ~2)  [ok]"
+    assert Check("r", None, "<= 3%", None).line() == "r: not measured  (goal <= 3%)  [-]"
+
+
+def test_peak_table_picks_the_longest_name():
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu.peak_tflops("NVIDIA H200") == 989.4
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert gpu.peak_tflops("Some CPU") is None
