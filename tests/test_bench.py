@@ -54,16 +54,28 @@ def test_mg_samples_faster_than_cfg():
     assert sec.checks[0].value == pytest.approx(row["MG/CFG"], rel=1e-2)
 
 
-def test_mg_training_costs_more_than_vanilla_and_stays_near_its_bound():
+def test_mg_training_step_does_exactly_the_work_of_its_flop_bound():
+    """Counted FLOPs (not timings): MG adds one batched teacher forward on [cond; uncond], nothing more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mgbench.bench.training import make_step
+
     case = TrainingCase("DiT-T/2", (1, 8, 8), 32, 1)
-    sec = bench_training([case], [VARIANTS[0], VARIANTS[1], VARIANTS[4]], repeats=3)
+    flops = {}
+    for v in (VARIANTS[0], VARIANTS[1], VARIANTS[2], VARIANTS[4]):
+        step = make_step(case, v, torch.device("cpu"))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops[v.name] = counter.get_total_flops()
+    assert flops["MG"] / flops["vanilla"] == pytest.approx(5 / 3, rel=0.01)
+    assert flops["MG, w-input"] / flops["vanilla"] == pytest.approx(5 / 3, rel=0.02)
+    assert flops["MG, no empty class, N=10"] / flops["vanilla"] == pytest.approx((3 + 1 + 10) / 3, rel=0.01)
+    # The timed section reports one ratio per variant against its bound (values are not asserted: timings).
+    sec = bench_training([case], [VARIANTS[0], VARIANTS[1]], repeats=1)
     rows = {r["variant"]: r for r in sec.rows}
-    assert rows["vanilla"]["ratio"] == 1.0
-    assert 1.1 < rows["MG"]["ratio"] < 5 / 3 * 1.5
-    # Eleven teacher forwards (cond + 10 labels) cost clearly more than two.
-    assert rows["MG, no empty class, N=10"]["ratio"] > rows["MG"]["ratio"]
+    assert rows["vanilla"]["ratio"] == 1.0 and rows["MG"]["ratio"] > 0
     assert [c.goal for c in sec.checks][0].endswith("FLOP bound 1.667")
-    assert len(sec.checks) == 2
 
 
 def test_model_rows_grow_with_size():

@@ -43,7 +43,8 @@ def peak_tflops(name: str) -> float | None:
     return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
 
 
-def run(out: Path, *, quick: bool = False, compile: bool = False, device: str | None = None) -> dict:
+def run(out: Path, *, quick: bool = False, compile: bool = False, device: str | None = None,
+        only: list[str] | None = None) -> dict:
     """Run every GPU section, write gpu_results.json and gpu_results.md under `out`; returns the results."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
@@ -67,6 +68,8 @@ def run(out: Path, *, quick: bool = False, compile: bool = False, device: str | 
                                         bf16=bf16, peak_tflops=peak)),
     ]
     for name, fn in steps:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             sections.append(fn())
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes (runs on a CPU too)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (first calls compile)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--only", default=None, help="comma-separated sections: sampling,training,models")
     args = p.parse_args(argv)
     if not args.out:
         print("mgbench.bench.gpu: give --out DIR or set MGBENCH_GPU_OUT", file=sys.stderr)
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not torch.cuda.is_available() and args.device != "cpu":
         print("mgbench.bench.gpu: no CUDA device; use --quick to run the tiny sizes on a CPU", file=sys.stderr)
         return 2
-    run(Path(args.out), quick=args.quick, compile=args.compile, device=args.device)
+    run(Path(args.out), quick=args.quick, compile=args.compile, device=args.device,
+        only=args.only.split(",") if args.only else None)
     print(f"wrote {Path(args.out) / 'gpu_results.json'}")
     return 0
 

@@ -110,7 +110,7 @@ class Objective:
         t_net = net_time(c.formulation, t, c.diffusion_steps)
         w_in = None
         if self.w_input:  # dropped samples are the unconditional branch: fed w = 0
-            w_in = torch.where(nz.drop.to(dev), torch.zeros_like(nz.w), nz.w).to(dev, x0.dtype)
+            w_in = torch.where(nz.drop, torch.zeros_like(nz.w), nz.w).to(dev, x0.dtype)
 
         guided = torch.zeros(len(y), dtype=torch.bool, device=dev)
         if mg_on:
