@@ -26,6 +26,7 @@ M_LOSS_MG = "train/loss_mg_share"      # share of the batch that got the MG targ
 M_W = "train/w"                        # current w (the paper's convention; moves under auto-w)
 M_STEP_TIME = "train/step_time_s"      # wall seconds per step over the window
 M_IMPLIED_CFG = "train/implied_cfg_scale"  # f*g / (1 - f*g) at the current w
+M_RESUMED = "train/resumed_from_step"  # logged (value = step) each time a run resumes from a checkpoint
 # Evaluation metrics (evaluation hook; final values also as summary metrics of the run).
 M_EVAL = "eval/{}"                     # eval/fid, eval/is, eval/sfid, eval/precision, eval/recall, ...
 M_IMG_PER_S = "eval/img_per_s"
@@ -136,6 +137,13 @@ class MlflowTracker:
         self.flush_every = flush_every
         self._pending: list[Any] = []
         self._last_flush = time.monotonic()
+        self._seen: dict[str, int] = {}  # last step logged per metric (a resumed run never repeats a step)
+
+    def _last_step(self, key: str) -> int:
+        if key not in self._seen:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._seen[key] = max((m.step for m in history), default=-1)
+        return self._seen[key]
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -152,8 +160,9 @@ class MlflowTracker:
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
             v = float(v)
-            if math.isfinite(v):
+            if math.isfinite(v) and step > self._last_step(k):
                 self._pending.append(Metric(k, v, ts, step))
+                self._seen[k] = step
         if time.monotonic() - self._last_flush >= self.flush_every:
             self.flush()
 

@@ -79,6 +79,8 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
         if autow is not None:
             autow.load_state_dict(state["auto_w"])
         torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0 and step < tc.steps:
+            tracker.log_metrics({T.M_RESUMED: step}, step=step)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / T.A_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -101,16 +103,17 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
 
     def save() -> None:
         if rank == 0:
+            # Metrics reach the tracker only with the checkpoint that covers them: a resumed run redoes
+            # the steps after its checkpoint and logs them once. They go first, so a crash between the
+            # two can only repeat a window, which the tracker drops (it keeps the steps it has seen).
+            for metrics, at in pending:
+                tracker.log_metrics(metrics, step=at)
+            tracker.flush()
             save_checkpoint(out, step, {
                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "window": window, "config": cfg.to_dict(), "last_eval": last_eval,
                 "auto_w": autow.state_dict() if autow is not None else None,
                 "rng": {"torch": torch.get_rng_state()}}, keep=tc.keep_ckpts)
-            # Metrics reach the tracker only with the checkpoint that covers them: a resumed run
-            # redoes the steps after its checkpoint, and logs them once.
-            for metrics, at in pending:
-                tracker.log_metrics(metrics, step=at)
-            tracker.flush()
         pending.clear()
         D.barrier(env)
 
