@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +73,7 @@ class AutoWConfig:
 @dataclass
 class ObjectiveConfig:
     formulation: str = "flow"      # flow (SiT velocity, x_t = (1-t) x0 + t eps) | diffusion (DiT, DDPM eps)
-    label_drop: float = 0.1        # lambda: share of labels dropped to the empty class (plain target)
+    label_drop: float = 0.1        # lambda: share of labels dropped to the empty class (plain target); none without one
     w: float = 1.0                 # the paper's w: 1 = vanilla; the target weight is g = w - 1
     w_range: list[float] | None = None  # [lo, hi]: sample w per sample instead of the fixed w
     teacher: str = "ema"           # ema | online: which weights give sg(pred(c) - pred(empty))
@@ -102,8 +104,6 @@ class ObjectiveConfig:
         _range(where, "mg_fraction", self.mg_fraction, 0.0, 1.0)
         _range(where, "uncond_labels", self.uncond_labels, 0, 10**6)
         _range(where, "diffusion_steps", self.diffusion_steps, 2, 100000)
-        if not self.empty_class and self.label_drop > 0:
-            raise ConfigError(f"{where}.label_drop: must be 0 when empty_class is false (there is no empty label)")
         if self.mg and self.label_drop == 0 and self.empty_class:
             raise ConfigError(f"{where}.label_drop: MG with an empty class needs label_drop > 0 "
                               "(else the empty class is never trained); or set empty_class: false")
@@ -303,7 +303,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+    return expand_env(data, f"{path}:")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """Replace `${VAR}` in every string (site paths: `path: ${MGBENCH_IMAGENET}/train`); unset is an error."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, _join(where, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise ConfigError(f"{where.rstrip(':')}: environment variable {m.group(1)} is not set "
+                                  f"(export {m.group(1)}=... before running)")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, value)
+    return value
 
 
 def train_config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:

@@ -78,6 +78,9 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         print(dry_run(spec))
         return 0
+    from mgbench.study.prepare import run_prepare
+
+    run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
     s = run_study(spec, wait=not args.detach)
     best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
     print(f"study {spec.name}: {s.n_complete} complete, {s.n_pruned} pruned, {s.n_failed} failed, "

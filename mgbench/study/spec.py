@@ -138,6 +138,9 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
             raise ConfigError(f"{src}:{key}: expected module:function, got {getattr(spec, key)!r}")
     out = Path(_str_field(raw, "out_dir", src, f"runs/{name}")).expanduser().resolve()
     spec.out_dir = str(out)
+    from mgbench.study.prepare import default_cache_dir
+
+    default_cache_dir(spec.base, spec.out_dir)  # imagefolder: one latent cache for every trial and rerun
     spec.storage = _str_field(raw, "storage", src, f"sqlite:///{out / 'optuna.db'}")
     spec.tracking_uri = _str_field(raw, "tracking_uri", src, f"sqlite:///{out / 'mlflow.db'}")
     spec.report = _parse_report(raw.get("report", []), src)

@@ -90,6 +90,9 @@ def dry_run(spec: StudySpec) -> str:
         lines.append("corners:")
     for i, pt in enumerate(points):
         lines.append(f"  {i:4d}  {trial_run_name(pt)}")
+    from mgbench.study.prepare import describe
+
+    lines += describe(spec)
     if spec.executor.type == "slurm":
         array = spec.n_trials if spec.sampler.type == "grid" else None
         lines += ["", f"# sbatch script ({'job array of ' + str(array) if array and array > 1 else 'one per trial'};"

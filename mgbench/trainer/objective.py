@@ -82,7 +82,7 @@ class Objective:
         else:
             t = FlowPath.sample_t(batch, gen)
         eps = torch.randn((batch, *shape), generator=gen)
-        drop = torch.rand(batch, generator=gen) < c.label_drop
+        drop = torch.rand(batch, generator=gen) < (c.label_drop if c.empty_class else 0.0)  # nothing to drop to
         mg = torch.rand(batch, generator=gen) < c.mg_fraction
         if c.w_range is not None:
             lo, hi = c.w_range
