@@ -1,8 +1,6 @@
 """Real MG trials (the trainer, grid2d) through the real SLURM test cluster: job array, preemption, kill."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,15 +15,8 @@ from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
 from mgbench.trainer.checkpoint import list_checkpoints, load_checkpoint
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600), pytest.mark.usefixtures("slurm_cluster")]
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    conf = os.environ.get("SLURM_CONF")
-    if not conf or not Path(conf).is_file() or shutil.which("sinfo") is None:
-        pytest.skip("no SLURM test cluster: slurm/cluster.sh start && eval \"$(slurm/cluster.sh env)\"")
 
 
 def spec_for(tmp_path: Path, space: dict, steps: int, parallelism: int = 2):

@@ -16,18 +16,8 @@ from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
 from mgbench.tracking import TAG_ROLE, TAG_SLURM_JOB, TAG_TRIAL
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300), pytest.mark.usefixtures("slurm_cluster")]
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    """Skip unless the test cluster answers."""
-    conf = os.environ.get("SLURM_CONF")
-    if not conf or not Path(conf).is_file() or shutil.which("sinfo") is None:
-        pytest.skip("no SLURM test cluster: slurm/cluster.sh start && eval \"$(slurm/cluster.sh env)\"")
-    if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0:
-        pytest.skip("sinfo fails: the SLURM test cluster is down")
 
 
 def slurm_spec(tmp_path: Path, steps: list[int], parallelism: int = 2):
