@@ -1,8 +1,6 @@
 """Studies on the real single-node SLURM test cluster (slurm/cluster.sh start; eval "$(slurm/cluster.sh env)")."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
