@@ -1,8 +1,10 @@
 """Real MG trials (the trainer, grid2d) through the real SLURM test cluster: job array, preemption, kill."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -19,8 +21,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600), pytest.mark.usefixtur
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
-def spec_for(tmp_path: Path, space: dict, steps: int, parallelism: int = 2):
-    return load_spec(STUDIES / "_test_grid.yaml", {
+def spec_for(tmp_path: Path, space: dict, steps: int, parallelism: int = 2, extra: dict | None = None):
+    return load_spec(STUDIES / "_test_grid.yaml", {**(extra or {}),
         "out_dir": str(tmp_path / "study"), "executor": {"type": "slurm", "profile": "local"},
         "space": space, "parallelism": parallelism, "poll_s": 0.5,
         "base": {"optim": {"batch_size": 128, "lr": 2.0e-3},
@@ -40,9 +42,17 @@ def loss_steps(spec, number: int):
     return [m.step for m in client.get_metric_history(run_id, T.M_LOSS)], client, run_id
 
 
+def cluster_mode(overrides: dict) -> dict:
+    """Optuna on the PostgreSQL server and MLflow through the tracking server, when .ci/run started them."""
+    pg, url = os.environ.get("MGBENCH_PG_URL"), os.environ.get("MGBENCH_MLFLOW_URL")
+    if pg and url:
+        overrides.update(name=f"slurm_{uuid.uuid4().hex[:8]}", storage=pg, tracking_uri=url)
+    return overrides
+
+
 def test_grid_of_four_real_trials_goes_out_as_one_gpu_job_array(tmp_path):
     spec = spec_for(tmp_path, {"objective.w": {"grid": [1.0, 1.5]}, "objective.label_drop": {"grid": [0.1, 0.2]}},
-                    steps=60)
+                    steps=60, extra=cluster_mode({}))
     summary = run_study(spec, echo=lambda s: None)
     assert summary.n_complete == 4 and summary.n_failed == 0
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
@@ -56,6 +66,7 @@ def test_grid_of_four_real_trials_goes_out_as_one_gpu_job_array(tmp_path):
     assert len(array) == 1 and sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
     assert all(r.data.tags["mlflow.parentRunId"] for r in runs)
     assert all(r.data.metrics[T.metric_eval("off_class")] >= 0 for r in runs)
+    assert all(len(client.get_metric_history(r.info.run_id, T.M_LOSS)) == 6 for r in runs)
     array_id = job_ids[0].split("_")[0]
     deadline = time.time() + 60  # sacct lags slurmctld by a few seconds
     while True:
