@@ -205,7 +205,7 @@ def test_steps_figure_when_several_steps(tmp_path):
 
 
 def test_render_frontier_from_a_frame(tmp_path):
-    paths = render_frontier("toy", out=tmp_path, n_boot=100, runs=_runs())
+    paths = render_frontier("toy", out=tmp_path, diversity="coverage", n_boot=100, runs=_runs())
     assert "| MG w=1.50 | 2000 | 1.00 | 0.90" in (tmp_path / "frontier.md").read_text()
     assert len(paths) == 5
 
@@ -236,18 +236,19 @@ def _log_study(uri: str, study: str) -> None:
 def test_render_frontier_from_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_study(uri, "toy")
-    final = render_frontier("toy", uri, tmp_path / "final", n_boot=100)
+    final = render_frontier("toy", uri, tmp_path / "final", diversity="coverage", n_boot=100)
     table = pd.read_csv(tmp_path / "final" / "frontier.csv")
     assert len(final) == 5 and list(table["step"]) == [2000]
     assert table.loc[0, "s_star"] == pytest.approx(0.9) and table.loc[0, "n_cfg"] == 2
-    render_frontier("toy", uri, tmp_path / "hist", n_boot=100, history=True)
+    render_frontier("toy", uri, tmp_path / "hist", diversity="coverage", n_boot=100, history=True)
     table = pd.read_csv(tmp_path / "hist" / "frontier.csv")
     assert list(table["step"]) == [1000, 2000]
     assert table.loc[0, "s_star"] == pytest.approx(0.65) and table.loc[1, "s_star"] == pytest.approx(0.9)
     assert (tmp_path / "hist" / "frontier_steps.png").is_file()
     parser = argparse.ArgumentParser(prog="mgbench")
     add_frontier_parser(parser.add_subparsers(dest="command"))
-    argv = ["frontier", "--study", "toy", "--tracking-uri", uri, "--out", str(tmp_path / "cli"), "--n-boot", "50"]
+    argv = ["frontier", "--study", "toy", "--tracking-uri", uri, "--out", str(tmp_path / "cli"), "--n-boot", "50",
+            "--diversity", "coverage"]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     assert "off_support: lower is better" in (tmp_path / "cli" / "frontier.md").read_text()

@@ -18,7 +18,7 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
     p.add_argument("--quality", choices=sorted(QUALITY_METRICS), default=None,
                    help="quality axis (default: off_support for grid2d, fid for images)")
     p.add_argument("--diversity", choices=sorted(DIVERSITY_METRICS), default=None,
-                   help="diversity axis (default: coverage for grid2d, recall for images)")
+                   help="diversity axis (default: swd for grid2d, recall for images)")
     p.add_argument("--level", type=float, default=0.9, help="confidence level of the bootstrap CIs")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--history", action="store_true",
