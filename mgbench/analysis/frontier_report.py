@@ -206,7 +206,8 @@ def frontier_figure(points: pd.DataFrame, quality: str, diversity: str, out_dir:
         ax.errorbar(r["diversity"], r["quality"], xerr=r["diversity_sd"], yerr=r["quality_sd"], fmt="*",
                     markersize=11, color=c, label=r["label"], capsize=2)
     better = "lower" if not higher_is_better(quality) else "higher"
-    ax.set(xlabel=f"{diversity} (diversity, higher is better)", ylabel=f"{quality} (quality, {better} is better)",
+    spread = "lower: closer to the data" if not higher_is_better(diversity) else "higher is more diverse"
+    ax.set(xlabel=f"{diversity} (diversity; {spread})", ylabel=f"{quality} (quality, {better} is better)",
            title=f"Guidance frontier at step {step}")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
