@@ -112,10 +112,16 @@ def _wait_for_kill_point(out: Path, driver: subprocess.Popen, timeout: float = 9
         n_end = sum(e["event"] == "end" for e in ev)
         n_submit = sum(e["event"] == "submit" for e in ev)
         if n_end >= 1 and n_submit >= 3:
+            # The running trial with the most time left (at least 1 s, so the kill cannot come after it ends).
+            best = None
             for n in range(3):
                 folder = trial_folder(out, n)
                 if (folder / "pid").exists() and not (folder / "result.json").exists():
                     rec = read_json(folder / "trial.json")
-                    return {"trial": n, "pid": int((folder / "pid").read_text()), "run_id": rec["run_id"]}
+                    left = (folder / "pid").stat().st_mtime + rec["params"]["train.steps"] / 1000 - time.time()
+                    if left > 1.0 and (best is None or left > best[0]):
+                        best = (left, {"trial": n, "pid": int((folder / "pid").read_text()), "run_id": rec["run_id"]})
+            if best is not None:
+                return best[1]
         time.sleep(0.1)
     raise AssertionError(f"no kill point within {timeout} s: {events(out)}")
