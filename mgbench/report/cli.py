@@ -10,6 +10,7 @@ import pandas as pd
 
 TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
+FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_convergence", "fig6": "fig6_scaling"}
 EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
 CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all"]
 
@@ -61,7 +62,10 @@ def render(what: str, study: str, tracking_uri: str | None = None, out: str | Pa
             paths += [_write_csv(data, out_dir / "fig5_convergence.csv"), _write_csv(gains, out_dir / "fig5_speedup.csv")]
         elif item == "fig6":
             paths.append(_write_csv(figures.fig6(runs, out_dir), out_dir / "fig6_scaling.csv"))
-        elif item == "toy":
+        if item in FIGURES:  # the figure files themselves, beside the data they plot
+            stem = FIGURE_STEMS[item]
+            paths += [out_dir / f"{stem}.{ext}" for ext in ("png", "pdf") if (out_dir / f"{stem}.{ext}").exists()]
+        if item == "toy":
             from mgbench.report.toy import write_toy
 
             paths += write_toy(runs, study, out_dir)

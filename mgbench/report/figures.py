@@ -1,6 +1,7 @@
 """Tidy runs -> the paper's Figures 2, 4, 5 and 6 (seaborn; PNG and PDF); each returns the data it plotted."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def load_samples(tracking_uri: str | None, run_id: str, artifact: str = T.A_SAMP
     """The arrays of a run's `samples/samples.npz` artifact (x, y, optional traj)."""
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per small file
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=tracking_uri)
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}
