@@ -31,6 +31,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from mgbench.trainer.loop import train
 
+    hook = None
+    if not args.no_eval:
+        from mgbench.evaluation.hook import make_eval_hook
+
+        hook = make_eval_hook(cfg)   # a missing weights file fails here, before a run or a step
     tracker: T.Tracker = T.NullTracker()
     run = None
     if args.tracking_uri:
@@ -40,11 +45,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         mlflow.set_experiment(args.experiment or cfg.name)
         run = mlflow.start_run(run_name=cfg.name, tags={T.TAG_ROLE: "train", T.TAG_OUT_DIR: cfg.out_dir})
         tracker = T.MlflowTracker(run.info.run_id, args.tracking_uri)
-    hook = None
-    if not args.no_eval:
-        from mgbench.evaluation.hook import make_eval_hook
-
-        hook = make_eval_hook(cfg)
     result = train(cfg, T.ConsoleTracker(tracker, every=args.print_every), hook)
     if run is not None:
         import mlflow
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Progress lines reach log files (SLURM's --output, `> train.log`) as they happen, not at exit.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

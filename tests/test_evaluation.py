@@ -137,3 +137,25 @@ def test_mnist_classifier_reaches_97_percent_held_out(tmp_path_factory):
     acc = ex.info["classifier_test_accuracy"]
     print(f"mnist classifier held-out accuracy: {acc:.4f}")  # recorded: 0.976 (500 held-out images)
     assert acc >= 0.97
+
+
+def test_missing_weights_fail_before_any_training_step(tmp_path, capsys):
+    """A run that would evaluate with Inception stops at once when the weights file is missing, not hours later."""
+    import yaml
+
+    from mgbench.cli import main
+
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    cfg = {"out_dir": str(tmp_path / "run"), "data": {"name": "digits"}, "model": {"arch": "DiT-XS/4"},
+           "train": {"steps": 5, "log_every": 1}, "optim": {"batch_size": 8},
+           "eval": {"extractor": "inception", "inception_weights": str(missing), "metrics": ["fid"]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mgbench: error: eval.inception_weights:") and "\n" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg["eval"]["extractor"] = "classifier"      # digits' own classifier needs no file: no error up front
+    from mgbench.config import train_config_from_dict
+    from mgbench.evaluation.hook import make_eval_hook
+
+    assert callable(make_eval_hook(train_config_from_dict(cfg)))

@@ -2,12 +2,14 @@
 
 A run folder holds `config.yaml` and `checkpoints/ckpt_XXXXXXXX.pt` (keys model, ema, step, config, ...);
 the latest checkpoint is used unless a checkpoint file is given. Prints one `name value` line per
-metric (and writes them as JSON with --json).
+metric (and writes them as JSON with --json). Under `torchrun` every rank samples its share of the
+images (the same images as one process) and rank 0 prints and writes the metrics.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"mgbench eval: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: every rank holds the same metrics; rank 0 reports
+        return 0
     for k, v in metrics.items():
         print(f"{k} {v:.6g}")
     if args.json:
@@ -108,6 +112,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     cfg.eval.validate("eval")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: join the group; ranks split the samples
+        from mgbench.trainer import distributed as D
+
+        env = D.setup("cuda" if device.type == "cuda" else "cpu")
+        device, rank, world = env.device, env.rank, env.world_size
     data = load_dataset(cfg.data, "train", seed=cfg.train.seed, cache_root=run_dir.parent / "latents", device=device)
     model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
                         empty_class=cfg.objective.empty_class, learn_sigma=cfg.model.learn_sigma,
@@ -115,7 +125,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
     w = _trained_w(state, cfg)
-    ctx = EvalContext(cfg, model, int(state.get("step", 0)), w, device, data, str(run_dir))
+    ctx = EvalContext(cfg, model, int(state.get("step", 0)), w, device, data, str(run_dir), rank, world)
     return make_eval_hook(cfg)(ctx)
 
 

@@ -24,7 +24,9 @@ from mgbench.trainer.hooks import EvalContext, EvalHook, sampling_kwargs
 
 
 def make_eval_hook(cfg: TrainConfig) -> EvalHook:
-    """An evaluation hook for a trainer config; the extractor and reference are resolved once, on first use."""
+    """An evaluation hook for a trainer config; the extractor and reference are resolved once, on first use.
+    A missing weights file is an error now, before any training step."""
+    M.check_extractor_weights(cfg.eval, cfg.data)
     state: dict[str, Any] = {}
 
     def hook(ctx: EvalContext) -> dict[str, float]:

@@ -53,6 +53,24 @@ class Extractor:
         return f"{self.name}:{Path(self.weights).name if self.weights else '-'}"
 
 
+def check_extractor_weights(ev: EvalConfig, data: DataConfig) -> None:
+    """Fail fast (a one-line ConfigError) when the extractor's weights file is missing: at the start of a
+    run, not at its first evaluation hours later. Cheap: checks files only (the digits/MNIST classifier is
+    trained on first use and needs no file)."""
+    if data.name == "grid2d" or not normalise_metrics(ev.metrics):
+        return
+    choice = ev.extractor
+    if choice == "auto":
+        choice = "classifier" if data.name in X.CLASSIFIER_RECIPES else "inception"
+    if choice == "classifier":
+        return
+    if choice == "inception":
+        X.check_inception_weights(ev.inception_weights)
+        return
+    if choice in FEATURE_EXTRACTORS_REGISTRY and FEATURE_EXTRACTORS_REGISTRY[choice].__module__.startswith("torch_fidelity."):
+        resolve_extractor(ev, data)   # raises for a missing file; builds nothing
+
+
 def resolve_extractor(ev: EvalConfig, data: DataConfig) -> Extractor:
     """The extractor a config asks for: auto = classifier for digits/mnist, Inception otherwise."""
     choice = ev.extractor
@@ -67,7 +85,13 @@ def resolve_extractor(ev: EvalConfig, data: DataConfig) -> Extractor:
     if choice not in FEATURE_EXTRACTORS_REGISTRY:
         raise ConfigError(f"eval.extractor: {choice!r} is not auto, classifier, inception or a registered "
                           f"torch-fidelity extractor ({', '.join(FEATURE_EXTRACTORS_REGISTRY)})")
-    return Extractor(choice, ev.inception_weights)
+    weights = ev.inception_weights
+    if FEATURE_EXTRACTORS_REGISTRY[choice].__module__.startswith("torch_fidelity.") and \
+            not (weights and Path(weights).expanduser().is_file()):  # without a file they download their weights
+        got = "not set" if not weights else f"{weights!r} does not exist"
+        raise ConfigError(f"eval.inception_weights: {got}; torch-fidelity's extractor {choice!r} needs its weights "
+                          "as a local file here; mgbench never downloads weights")
+    return Extractor(choice, str(Path(weights).expanduser()) if weights else None)
 
 
 def normalise_metrics(names: Iterable[str]) -> list[str]:
