@@ -172,3 +172,44 @@ def test_bench_report_small(tmp_path):
     again = bench_report(n_runs=60, out_dir=tmp_path / "out2", cache_dir=tmp_path / "cache")
     assert again["build_s"] < 1.0      # the store is cached
     assert (tmp_path / "out" / "table3.csv").read_bytes() == (tmp_path / "out2" / "table3.csv").read_bytes()
+
+
+def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, capsys):
+    """Table 3's w rows and its AUTO row live in two studies, each with its own store: one table from both."""
+    from mlflow.tracking import MlflowClient
+
+    stores = {}
+    for name, rows in (("t3_w", [({**DIT, "objective.w": 1.0}, {FID: 40.0}), ({**DIT, "objective.w": 1.5}, {FID: 7.0})]),
+                       ("t3_auto", [({**DIT, "objective.auto_w.enabled": True}, {FID: 7.5})])):
+        root = tmp_path / name
+        root.mkdir()
+        stores[name] = f"sqlite:///{root}/mlflow.db"
+        client = MlflowClient(stores[name])
+        exp, parent = start_study(client, name, str(root / "art"))
+        _log(client, name, exp, parent, [(over, metrics, "finished") for over, metrics in rows])
+    paths = render("table3", [("t3_w", stores["t3_w"]), ("t3_auto", stores["t3_auto"])], out=tmp_path / "out")
+    table = pd.read_csv(next(p for p in paths if p.suffix == ".csv"))
+    measured = table[table["source"] == "measured"].set_index("setting")["fid"]
+    assert measured.dropna().to_dict() == {"w=1.00": 40.0, "w=1.50": 7.0, "w=auto": 7.5}
+    assert set(measured[measured.isna()].index) == {"w=1.25", "w=1.75", "w=2.00"}   # the paper's other rows: missing
+    with pytest.raises(ValueError, match="one study"):
+        render("fig2", [("t3_w", stores["t3_w"]), ("t3_auto", stores["t3_auto"])], out=tmp_path / "out")
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = parser.parse_args(["report", "table3", "--study", "t3_w", "--study", "t3_auto", "--out", str(tmp_path / "cli")])
+    assert run_report(args) == 2          # a bare name needs a tracking URI: no stray ./mlflow.db store
+    assert "--tracking-uri" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
+
+    for name in stores:   # a spec file names both the study and its store
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\ntracking_uri: {stores[name]}\nbase: {{data: {{name: digits}}, model: {{arch: DiT-XS/2}}}}\n"
+            "space: {objective.w: {grid: [1.5]}}\nsampler: grid\n")
+    args = parser.parse_args(["report", "table3", "--study", str(tmp_path / "t3_w.yaml"),
+                              "--study", str(tmp_path / "t3_auto.yaml"), "--out", str(tmp_path / "cli")])
+    assert run_report(args) == 0
+    assert (tmp_path / "cli" / "table3.csv").read_bytes() == (tmp_path / "out" / "table3.csv").read_bytes()

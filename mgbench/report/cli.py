@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mgbench.config import ConfigError
+
 TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
 FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_convergence", "fig6": "fig6_scaling"}
@@ -20,7 +22,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = subparsers.add_parser("report", help="render the paper's tables and figures from a study's MLflow runs",
                               description=__doc__)
     p.add_argument("what", choices=CHOICES, help="one table or figure, or tables | figures | all")
-    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    p.add_argument("--study", required=True, action="append",
+                   help="a study: its spec file (studies/X.yaml: name and tracking URI from the spec) or its name "
+                        "(the MLflow experiment at --tracking-uri); repeat to render several studies as one "
+                        "(e.g. Table 3's w rows and its AUTO row)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
@@ -38,16 +43,58 @@ def _write_csv(data: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def render(what: str, study: str, tracking_uri: str | None = None, out: str | Path | None = None) -> list[Path]:
-    """Render tables/figures of one study; returns the files written (same runs -> same bytes)."""
+Source = tuple[str, "str | None"]   # (study name, its MLflow tracking URI)
+
+
+def resolve_studies(values: list[str], tracking_uri: str | None) -> list[Source]:
+    """`--study` values -> (name, tracking URI): a spec file gives both; a bare name uses `tracking_uri`."""
+    sources = []
+    for value in values:
+        if value.endswith((".yaml", ".yml")) or Path(value).is_file():
+            from mgbench.study.spec import load_spec
+
+            spec = load_spec(value)   # a bad spec is a one-line ConfigError naming file:field
+            sources.append((spec.name, tracking_uri or spec.tracking_uri))
+        elif tracking_uri:
+            sources.append((value, tracking_uri))
+        else:   # never fall back to MLflow's default store (it would create ./mlflow.db)
+            raise ValueError(f"--study {value}: a study name needs --tracking-uri (or $MLFLOW_TRACKING_URI); "
+                             "or pass the study's spec file, e.g. --study studies/quickstart.yaml")
+    return sources
+
+
+def load_sources(sources: list[Source]) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """The trial runs of several studies as one frame, and each run's tracking URI (by run id)."""
+    from mgbench.report.load import RUN_ID, load_runs
+
+    frames, uris = [], {}
+    for name, uri in sources:
+        runs = load_runs(uri, name)
+        uris.update({rid: uri for rid in runs[RUN_ID]})
+        frames.append(runs)
+    frames = [f for f in frames if not f.empty] or frames[:1]
+    return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True, sort=False)), uris
+
+
+def render(what: str, study: str | list[Source], tracking_uri: str | None = None,
+           out: str | Path | None = None) -> list[Path]:
+    """Render tables/figures of one study, or of several as one (a list of (name, tracking URI));
+    returns the files written (same runs -> same bytes)."""
     from mgbench.report import figures
-    from mgbench.report.load import load_runs
     from mgbench.report.render import write_table
     from mgbench.report.tables import build_table, prepare_runs
 
-    out_dir = Path(out) if out else Path("reports") / study
+    sources = [(study, tracking_uri)] if isinstance(study, str) else list(study)
+    if not sources:
+        raise ValueError("no study given")
+    study = sources[0][0] if len(sources) == 1 else " + ".join(name for name, _ in sources)
+    several = len(sources) > 1
+    if several and any(i in ("fig2", "toy", "frontier") for i in expand(what)):
+        raise ValueError(f"{what}: the 2D-toy reports read one study; pass a single --study")
+    out_dir = Path(out) if out else Path("reports") / sources[0][0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(tracking_uri, study)
+    runs, run_uris = load_sources(sources)
+    tracking_uri = run_uris if several else sources[0][1]
     prepared = prepare_runs(runs) if any(i in TABLES for i in expand(what)) else None
     paths: list[Path] = []
     for item in expand(what):
@@ -79,7 +126,11 @@ def render(what: str, study: str, tracking_uri: str | None = None, out: str | Pa
 def run_report(args: argparse.Namespace) -> int:
     """Entry point of `mgbench report`; prints the files written, returns the exit code."""
     try:
-        paths = render(args.what, args.study, args.tracking_uri, args.out)
+        sources = resolve_studies(args.study, args.tracking_uri)
+        paths = render(args.what, sources, out=args.out)
+    except ConfigError as e:
+        print(f"mgbench report: {e}", file=sys.stderr)
+        return 2
     except (LookupError, ValueError) as e:
         print(f"mgbench report: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -145,19 +145,23 @@ def speedups(data: pd.DataFrame) -> pd.DataFrame:
                                        "mg_steps_to_reach", "speedup"])
 
 
-def metric_histories(tracking_uri: str | None, run_ids: list[str], metric: str = FID) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) history of one metric per run, from MLflow."""
+def metric_histories(tracking_uri: str | None | dict[str, str | None], run_ids: list[str],
+                     metric: str = FID) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) history of one metric per run, from MLflow (one URI, or a URI per run id)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    uris = tracking_uri if isinstance(tracking_uri, dict) else {}
+    clients: dict[str | None, MlflowClient] = {}
     out = {}
     for run_id in run_ids:
+        uri = uris.get(run_id) if isinstance(tracking_uri, dict) else tracking_uri
+        client = clients.setdefault(uri, MlflowClient(uri))
         hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
         out[run_id] = list({s: v for s, _, v in hist}.items())   # the latest value logged at each step
     return out
 
 
-def fig5(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def fig5(runs: pd.DataFrame, tracking_uri: str | None | dict[str, str | None], out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Figure 5: FID against training steps, vanilla vs MG, with the speed-up to reach vanilla's final FID."""
     histories = metric_histories(tracking_uri, runs.loc[runs[L.STATUS] == "finished", L.RUN_ID].tolist())
     data = fig5_data(runs, histories)
