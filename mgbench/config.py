@@ -40,6 +40,9 @@ class DataConfig:
                 raise ConfigError(f"{where}.path: folder {self.path!r} does not exist")
             if not self.vae:
                 raise ConfigError(f"{where}.vae: required for imagefolder (a local diffusers AutoencoderKL folder)")
+            if not Path(self.vae).is_dir():
+                raise ConfigError(f"{where}.vae: folder {self.vae!r} does not exist "
+                                  "(a local diffusers AutoencoderKL folder)")
         _range(where, "grid_cells", self.grid_cells, 2, 64)
         _range(where, "train_fraction", self.train_fraction, 0.1, 1.0)
 

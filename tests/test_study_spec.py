@@ -30,7 +30,7 @@ GOOD = textwrap.dedent("""
     space:
       objective.w: {grid: [1.0, 1.5]}
     sampler: grid
-    objective: {metric: off_class}
+    objective: {metric: off_support}
 """)
 
 

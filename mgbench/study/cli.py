@@ -39,7 +39,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    if getattr(args, "parallelism", None):
+    if getattr(args, "parallelism", None) is not None:  # --parallelism 0 is an error, not "unset"
         overrides["parallelism"] = args.parallelism
     try:
         if args.profile:
@@ -78,8 +78,10 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         print(dry_run(spec))
         return 0
+    from mgbench.study.executors import check_executor
     from mgbench.study.prepare import run_prepare
 
+    check_executor(spec)  # a bad executor option is a one-line error before any job (the latents job too)
     run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
     s = run_study(spec, wait=not args.detach)
     best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""

@@ -8,6 +8,7 @@ checks the names (unknown ones are errors).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -24,6 +25,16 @@ GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_
            "stderr_to_stdout")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60    # local/debug: submitit's default (2 min) would kill real trials
 SLURM_TIMEOUT_MIN = 60             # slurm: when neither profile nor spec sets timeout_min
+# Values submitit passes on unchecked (it checks names and types only): name -> (least value, what it is).
+MIN_VALUES = {"timeout_min": (1, "minutes"), "mem_gb": (1e-9, "GB"), "nodes": (1, "nodes"),
+              "tasks_per_node": (1, "tasks per node"), "cpus_per_task": (1, "CPUs per task"),
+              "gpus_per_node": (0, "GPUs per node"), "slurm_nodes": (1, "nodes"),
+              "slurm_ntasks_per_node": (1, "tasks per node"), "slurm_cpus_per_task": (1, "CPUs per task"),
+              "slurm_gpus_per_node": (0, "GPUs per node"), "slurm_gpus_per_task": (0, "GPUs per task"),
+              "slurm_cpus_per_gpu": (1, "CPUs per GPU"), "slurm_array_parallelism": (1, "array tasks at once"),
+              "slurm_signal_delay_s": (0, "seconds")}
+SLURM_TIME = re.compile(r"\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?")  # sbatch --time formats
+SLURM_MEM = re.compile(r"\d+[KMGT]?B?", re.IGNORECASE)  # sbatch --mem / --mem-per-gpu
 ALIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "UNKNOWN", "READY"}
 
@@ -72,8 +83,8 @@ def _load_profile(name: str, src: str) -> dict[str, Any]:
         name = str(Path(src).parent / name)  # a profile file next to the spec
     try:
         return dict(load_profile(name))
-    except ConfigError:
-        raise
+    except ConfigError as e:  # the profile's own `file:key: ...`, behind the spec field that named it
+        raise ConfigError(f"{src}:executor.profile: {e}") from None
     except Exception as e:  # noqa: BLE001 - one line for the user
         raise ConfigError(f"{src}:executor.profile: cannot load {name!r} ({e})") from None
 
@@ -91,12 +102,35 @@ def check_executor(spec: StudySpec) -> dict[str, Any]:
                 field = raw_keys.get(key, key)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"{spec.path}:executor.{field}: {first}") from None
+            problem = value_problem(key, value)
+            if problem:
+                where = (f"executor.{raw_keys[key]}" if key in raw_keys
+                         else f"executor.profile: {key} (from profile {spec.executor.profile!r})")
+                raise ConfigError(f"{spec.path}:{where}: {problem}")
         if spec.executor.type == "slurm":
             try:
                 sbatch_script(spec, params, None, Path(tmp))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{spec.path}:executor: {str(e).splitlines()[0]}") from None
     return params
+
+
+def value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with an executor value that submitit would pass on to sbatch unchecked, or None."""
+    if value is None:
+        return None
+    if key in MIN_VALUES:
+        least, what = MIN_VALUES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+            bound = "> 0" if least < 1 and least > 0 else f">= {least}"
+            return f"expected a number of {what} {bound}, got {value!r}"
+    if key == "slurm_time" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                                    or isinstance(value, str) and SLURM_TIME.fullmatch(value)):
+        return (f"{value!r} is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); "
+                "or set timeout_min")
+    if key in ("slurm_mem", "slurm_mem_per_gpu", "slurm_mem_per_cpu") and not SLURM_MEM.fullmatch(str(value)):
+        return f"{value!r} is not a SLURM memory size (e.g. 16G, 16000M); or set mem_gb"
+    return None
 
 
 def submitit_folder(spec: StudySpec) -> Path:

@@ -4,11 +4,22 @@ No batch blocking: a slot is refilled as soon as its trial ends. Every trial's i
 (`trials/<n>/trial.json`) before its job starts, so a killed driver loses nothing: rerunning (or
 `resume`) re-attaches to live jobs, tells Optuna about results written meanwhile, and resubmits
 trials whose job died on the same trial, MLflow run and checkpoint folder.
+
+Several drivers may work on one study at once (run the same command twice, on one storage and out_dir):
+asking is serialised by a lock file in out_dir (so the study never gets more than n_trials trials, and a
+grid point is never asked twice), each trial records the driver that owns it, and a driver re-attaches
+only to trials whose owner is gone (same host: its process has ended; another host: its heartbeat file
+in out_dir/drivers/ is stale).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,12 +29,16 @@ from optuna.trial import TrialState
 
 from mgbench.config import ConfigError
 from mgbench.study import runs
-from mgbench.study.executors import check_executor, job_alive, job_ref, make_executor
+from mgbench.study.executors import _pid_alive, check_executor, job_alive, job_ref, make_executor
 from mgbench.study.optuna_io import ask, open_study
 from mgbench.study.spec import StudySpec, validate_trial
 from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, TrialJob, read_json, trial_dir, write_json
 
 EVENTS_FILE = "events.jsonl"  # driver timeline: one JSON line per submit / end / resubmit
+LOCK_FILE = ".driver.lock"    # in out_dir: drivers of one study ask, claim and set up one at a time
+DRIVERS_DIR = "drivers"       # in out_dir: one heartbeat file per running driver (<host>-<pid>)
+OWNER_ATTR = "mgbench:driver"  # Optuna trial system attr: the driver that owns the trial (host, pid, start, token)
+HEARTBEAT_STALE_S = 120.0     # a driver on another host counts as gone when its heartbeat is older (or 10 polls)
 
 
 @dataclass
@@ -51,12 +66,18 @@ class Driver:
         self.echo = echo
         check_executor(spec)
         Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
-        self.study = open_study(spec)
-        self.mlflow = runs.client(spec)
-        self.exp_id = runs.experiment_id(self.mlflow, spec)
-        self.parent_id = runs.parent_run(self.mlflow, self.exp_id, spec)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
+                   "token": uuid.uuid4().hex}
+        self._locked = 0
+        self._lock_warned = False
+        with self._lock():  # another driver may be creating the same study, experiment and parent run
+            self.study = open_study(spec)
+            self.mlflow = runs.client(spec)
+            self.exp_id = runs.experiment_id(self.mlflow, spec)
+            self.parent_id = runs.parent_run(self.mlflow, self.exp_id, spec)
         self.inflight: dict[int, InFlight] = {}
         self._executor: Any = None
+        self._heartbeat()
 
     # ------------------------------------------------------------------ the loop
 
@@ -64,20 +85,30 @@ class Driver:
         """Reconcile, then keep slots full until every trial has ended (wait=False: fill once and detach)."""
         self.reconcile()
         self.fill()
-        while wait and self.inflight:
+        while wait:
+            if not self.inflight:
+                self.reconcile()  # a driver beside this one may have died with trials in flight: adopt them
+                self.fill()
+                if not self.inflight:
+                    break
             time.sleep(self.spec.poll_s)
+            self._heartbeat()
             self.poll()
             self.fill()
         summary = self.summary()
-        if wait:
+        if wait and summary.n_running == 0:  # the last driver of the study closes the parent run
             runs.finish_parent(self.mlflow, self.parent_id, summary.n_complete, summary.best_value)
         return summary
 
     def fill(self) -> None:
         """Ask for new trials while a slot is free and the budget allows; submit them together."""
         new = []
-        while len(self.inflight) + len(new) < self._slots() and self._n_asked() < self.spec.n_trials:
-            trial, params = ask(self.study, self.spec)
+        while len(self.inflight) + len(new) < self._slots():
+            with self._lock():  # count + ask + claim at once: other drivers of the study wait
+                if self._n_asked() >= self.spec.n_trials:
+                    break
+                trial, params = ask(self.study, self.spec)
+                self._claim(trial._trial_id)
             try:
                 self.prepare(trial.number, trial._trial_id, params)
             except ConfigError as e:
@@ -135,10 +166,16 @@ class Driver:
             self._event("submit", n, job_id=ref["job_id"])
 
     def reconcile(self) -> None:
-        """Re-attach to every RUNNING trial: live jobs are watched, dead ones handled by the next poll."""
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number in self.inflight:
-                continue
+        """Re-attach to every RUNNING trial that no running driver owns (live jobs are watched, dead ones
+        handled by the next poll); trials of drivers that still run are theirs."""
+        with self._lock():  # claim orphans under the lock: two drivers never adopt the same trial
+            orphans = []
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number in self.inflight or self._owner_running(t.system_attrs.get(OWNER_ATTR)):
+                    continue
+                self._claim(t._trial_id)
+                orphans.append(t)
+        for t in orphans:
             rec = read_json(trial_dir(self.spec, t.number) / TRIAL_FILE)
             if rec is None:  # the driver died between ask and trial.json: write it now
                 params = {k: t.params[k] for k in self.spec.space if k in t.params}
@@ -175,13 +212,70 @@ class Driver:
         write_json(path, rec)
         self.inflight.pop(number)
         if rec["deaths"] > self.spec.max_retries:
-            self.echo(f"trial {number}: its job died {rec['deaths']} times without a result; marked failed")
+            error = f"its job died {rec['deaths']} times without a result"
+            self.echo(f"trial {number}: {error}; marked failed")
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            runs.set_status(self.mlflow, rec["run_id"], "failed")
+            runs.set_status(self.mlflow, rec["run_id"], "failed", error)
             self._event("end", number, status="failed", value=None)
             return
         self._event("resubmit", number, deaths=rec["deaths"])
         self.submit([number])
+
+    # ------------------------------------------------------------------ drivers side by side
+
+    @contextlib.contextmanager
+    def _lock(self) -> Any:
+        """An exclusive lock on out_dir/.driver.lock (flock), shared by every driver of the study."""
+        if self._locked:
+            self._locked += 1
+            try:
+                yield
+            finally:
+                self._locked -= 1
+            return
+        with open(Path(self.spec.out_dir) / LOCK_FILE, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as e:  # a file system without flock (some Lustre mounts): one driver per study then
+                if not self._lock_warned:
+                    self._lock_warned = True
+                    self.echo(f"[{self.spec.name}] cannot lock {f.name} ({e}): run only one driver of this study")
+                yield
+                return
+            self._locked = 1
+            try:
+                yield
+            finally:
+                self._locked = 0
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _claim(self, trial_id: int) -> None:
+        """Record this driver as the trial's owner (in the Optuna storage, where every driver sees it)."""
+        self.study._storage.set_trial_system_attr(trial_id, OWNER_ATTR, self.me)
+
+    def _owner_running(self, owner: dict[str, Any] | None) -> bool:
+        """Whether the driver that owns a trial still runs (so this one must leave the trial alone)."""
+        if not owner:
+            return False  # asked by a driver that recorded no owner
+        if owner.get("token") == self.me["token"]:
+            return True
+        if owner.get("host") == self.me["host"]:
+            if owner.get("pid") == self.me["pid"]:
+                return False  # an earlier driver in this process: it is not running now
+            start = owner.get("start")
+            return _pid_alive(int(owner["pid"])) and (start is None or _start_ticks(int(owner["pid"])) == start)
+        beat = Path(self.spec.out_dir) / DRIVERS_DIR / f"{owner.get('host')}-{owner.get('pid')}"
+        try:
+            age = time.time() - beat.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age < max(HEARTBEAT_STALE_S, 10 * self.spec.poll_s)
+
+    def _heartbeat(self) -> None:
+        """Touch this driver's heartbeat file (drivers on other hosts judge by its age)."""
+        beat = Path(self.spec.out_dir) / DRIVERS_DIR / f"{self.me['host']}-{self.me['pid']}"
+        beat.parent.mkdir(parents=True, exist_ok=True)
+        beat.touch()
 
     # ------------------------------------------------------------------ helpers
 
@@ -200,7 +294,7 @@ class Driver:
         return len(self.study.get_trials(deepcopy=False))
 
     def _event(self, kind: str, number: int, **data: Any) -> None:
-        line = {"t": time.time(), "event": kind, "trial": number, **data}
+        line = {"t": time.time(), "event": kind, "trial": number, "driver": self.me["pid"], **data}
         with open(Path(self.spec.out_dir) / EVENTS_FILE, "a") as f:
             f.write(json.dumps(line, default=str) + "\n")
         self.echo(f"[{self.spec.name}] trial {number}: {kind} " + " ".join(f"{k}={v}" for k, v in data.items()))
@@ -208,6 +302,14 @@ class Driver:
     def summary(self) -> StudySummary:
         """Counts by state and the best trial so far."""
         return summarize(self.study)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """A process's start time (clock ticks after boot, /proc/<pid>/stat field 22): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def summarize(study: optuna.Study) -> StudySummary:

@@ -77,9 +77,13 @@ def scale_label(cfg: TrainConfig) -> str:
     return f"{cfg.data.name}, {cfg.train.steps} steps"
 
 
-def set_status(c: Any, run_id: str, status: str) -> None:
-    """Set a trial run's status tag, ending the run unless it is still running."""
+def set_status(c: Any, run_id: str, status: str, error: str | None = None) -> None:
+    """Set a trial run's status tag (and a failure's error), ending the run unless it is still running."""
     c.set_tag(run_id, TAG_STATUS, status)
+    if error:
+        from mgbench.study.trial import record_error
+
+        record_error(c, run_id, error)
     end = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}.get(status)
     if end:
         c.set_terminated(run_id, end)

@@ -8,6 +8,7 @@ objective, pruning, storages and the executor. Every resolved trial config is va
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 EXECUTORS = ("local", "debug", "slurm")
 PARAM_TYPES = ("float", "int", "categorical")
 MAX_CORNER_CHECKS = 256  # search spaces: validate at most this many corner configs up front
+STORAGE_SCHEMES = ("sqlite", "journal", "postgresql", "mysql")  # Optuna storages (RDB schemes may add +driver)
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow
+DEFAULT_EVAL_HOOK = "mgbench.evaluation:make_eval_hook"
+GRID2D_METRICS = ("in_class", "off_support", "coverage", "swd", "center_dist")  # mgbench.evaluation.grid2d.grid_metrics
+IMAGE_METRICS = ("fid", "sfid", "is", "kid", "precision", "recall")  # mgbench.evaluation.metrics.IMAGE_METRICS
 
 
 @dataclass
@@ -127,15 +133,14 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     spec.objective = from_dict(ObjectiveSpec, raw.get("objective"), f"{src}:objective")
     spec.pruning = _parse_pruning(raw.get("pruning", "none"), src)
     spec.executor = _parse_executor(raw.get("executor", "local"), src)
-    for key in ("parallelism", "max_retries", "n_trials"):
-        _int_field(raw, key, src, low=0 if key != "parallelism" else 1)
+    for key, low in (("parallelism", 1), ("max_retries", 0), ("n_trials", 1)):
+        _int_field(raw, key, src, low=low)
     spec.parallelism = raw.get("parallelism", 1)
     spec.max_retries = raw.get("max_retries", 3)
     spec.poll_s = float(_num_field(raw, "poll_s", src, 2.0))
     for key in ("entry", "eval_hook"):
         setattr(spec, key, _str_field(raw, key, src, getattr(spec, key)))
-        if ":" not in getattr(spec, key):
-            raise ConfigError(f"{src}:{key}: expected module:function, got {getattr(spec, key)!r}")
+        _check_import(getattr(spec, key), key, src)
     out = Path(_str_field(raw, "out_dir", src, f"runs/{name}")).expanduser().resolve()
     spec.out_dir = str(out)
     from mgbench.study.prepare import default_cache_dir
@@ -145,9 +150,104 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     spec.tracking_uri = _str_field(raw, "tracking_uri", src, f"sqlite:///{out / 'mlflow.db'}")
     spec.report = _parse_report(raw.get("report", []), src)
     _check_choices(spec, src)
+    _check_uris(spec, src)
     spec.n_trials = _n_trials(spec, raw.get("n_trials"), src)
     validate_space(spec)
+    _check_metric(spec, src)
     return spec
+
+
+def _check_import(value: str, key: str, src: str) -> None:
+    """`module:function` must import here, before any job would fail on it."""
+    module, _, attr = value.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"{src}:{key}: expected module:function, got {value!r}")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        raise ConfigError(f"{src}:{key}: cannot import {module!r} ({type(e).__name__}: {_first_line(e)}); "
+                          "expected an importable module:function") from None
+    if not callable(getattr(mod, attr, None)):
+        raise ConfigError(f"{src}:{key}: module {module!r} has no function {attr!r} (expected module:function)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _check_uris(spec: StudySpec, src: str) -> None:
+    """Storage and tracking URIs: a known scheme, and a local database file in a folder that exists (or in out_dir)."""
+    scheme = spec.storage.split("://", 1)[0]
+    if scheme.split("+", 1)[0] not in STORAGE_SCHEMES:
+        raise ConfigError(f"{src}:storage: scheme {scheme!r} is not one of sqlite:///, journal:///, postgresql://, "
+                          f"mysql:// (got {spec.storage!r})")
+    if scheme == "sqlite":
+        _check_db_file(spec.storage, "sqlite:///", spec.out_dir, f"{src}:storage")
+    elif scheme == "journal":
+        _check_db_file(spec.storage, "journal://", spec.out_dir, f"{src}:storage")
+    uri = spec.tracking_uri
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*):", uri)
+    if m is None or len(m.group(1)) == 1:  # a plain path (or a Windows drive letter): MLflow's file store
+        _check_folder(Path(uri).expanduser().resolve().parent, spec.out_dir, f"{src}:tracking_uri", uri)
+        return
+    scheme = m.group(1)
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise ConfigError(f"{src}:tracking_uri: scheme {scheme!r} is not one of {', '.join(TRACKING_SCHEMES)} "
+                          f"(got {uri!r})")
+    if scheme == "sqlite":
+        _check_db_file(uri, "sqlite:///", spec.out_dir, f"{src}:tracking_uri")
+    elif scheme in ("http", "https") and not re.match(r"https?://[^/:]+", uri):
+        raise ConfigError(f"{src}:tracking_uri: expected http(s)://host[:port], got {uri!r}")
+
+
+def _check_db_file(uri: str, prefix: str, out_dir: str, where: str) -> None:
+    if not uri.startswith(prefix) or len(uri) == len(prefix) or uri.endswith(":memory:"):
+        raise ConfigError(f"{where}: expected {prefix}<file> (a file shared by the driver and every job), got {uri!r}")
+    path = Path(uri[len(prefix):]).expanduser().resolve()
+    if path.is_dir():
+        raise ConfigError(f"{where}: {str(path)!r} is a folder; expected a file in it, "
+                          f"e.g. {prefix}{path / 'study.db'}")
+    _check_folder(path.parent, out_dir, where, uri)
+
+
+def _check_folder(folder: Path, out_dir: str, where: str, uri: str) -> None:
+    """A local store's folder must exist, or be inside out_dir (the driver creates that): a typo makes no new study."""
+    if folder.is_dir() or folder.is_relative_to(Path(out_dir)):
+        return
+    raise ConfigError(f"{where}: folder {str(folder)!r} does not exist (create it, or keep the file under "
+                      f"out_dir {out_dir!r}); got {uri!r}")
+
+
+def evaluation_metrics(cfg: TrainConfig) -> list[str]:
+    """The final metrics mgbench's evaluation hook (mgbench.evaluation.hook) reports for a trial config."""
+    ev = cfg.eval
+    if cfg.data.name == "grid2d":
+        names = list(GRID2D_METRICS)
+    else:
+        wanted = set()
+        for m in ev.metrics:
+            wanted.update(("precision", "recall") if m in ("prc", "precision", "recall") else (m,))
+        names = [m for m in IMAGE_METRICS if m in wanted]
+        if ev.extractor == "classifier" or (ev.extractor == "auto" and cfg.data.name in ("digits", "mnist")):
+            names.append("extractor_acc")
+    names.append("nfe")
+    sweep = [f"sweep/cfg_scale_{float(s):.2f}/{m}" for s in ev.cfg_sweep for m in names]
+    if "img_per_s" in ev.metrics:
+        names.append("img_per_s")
+    return names + sweep
+
+
+def _check_metric(spec: StudySpec, src: str) -> None:
+    """With mgbench's own evaluation, the objective must be a metric it reports (else every trial fails at the end)."""
+    if spec.eval_hook != DEFAULT_EVAL_HOOK:
+        return  # a custom hook reports what it likes
+    points = grid_points(spec) if spec.sampler.type == "grid" else corner_points(spec)
+    names = evaluation_metrics(validate_trial(spec, points[0]))
+    metric = spec.objective.metric
+    if metric not in names:
+        raise ConfigError(f"{src}:objective.metric: {metric!r} is not reported by the evaluation of this study "
+                          f"(allowed: {', '.join(names)})")
 
 
 def _parse_report(items: Any, src: str) -> list[str]:
@@ -170,8 +270,15 @@ def _resolve_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}:extends: expected a file name, got {ext!r}")
         target = (path.parent / ext).resolve()
         if not target.is_file():
-            raise ConfigError(f"{path}:extends: no such file {str(target)!r}")
+            raise ConfigError(f"{path}:extends: no such file {str(target)!r} (a trainer config, relative to the spec)")
+        if target == path.resolve():
+            raise ConfigError(f"{path}:extends: the spec extends itself; extends takes a trainer config "
+                              "(e.g. base/grid2d.yaml)")
         base = load_yaml(target)
+        study_keys = sorted(set(base) & (_TOP_KEYS - set(TrainConfig.__dataclass_fields__)))
+        if study_keys:
+            raise ConfigError(f"{path}:extends: {str(target)!r} is a study spec (it has `{study_keys[0]}`), not a "
+                              "trainer config; extends does not chain (a trainer config like base/grid2d.yaml)")
     inline = raw.get("base") or {}
     if not isinstance(inline, dict):
         raise ConfigError(f"{path}:base: expected a mapping of trainer config, got {type(inline).__name__}")
@@ -200,6 +307,9 @@ def _parse_space(space: Any, src: str) -> dict[str, ParamSpec]:
             raise ConfigError(f"{where}: unknown trainer key (e.g. objective.w, objective.label_drop, train.seed)")
         if isinstance(body, list):
             body = {"grid": body}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: expected a list of grid values or a mapping (grid: [...], choices: [...], "
+                              f"or type/low/high), got {body!r}")
         p = from_dict(ParamSpec, body, where)
         _check_param(p, where)
         out[key] = p
@@ -237,6 +347,8 @@ def _check_param(p: ParamSpec, where: str) -> None:
         raise ConfigError(f"{where}.low: must be > 0 with log: true, got {p.low}")
     if p.log and p.step is not None:
         raise ConfigError(f"{where}.step: not allowed with log: true")
+    if p.step is not None and p.step <= 0:
+        raise ConfigError(f"{where}.step: must be > 0, got {p.step}")
     if p.type == "int" and any(v is not None and v != int(v) for v in (p.low, p.high, p.step)):
         raise ConfigError(f"{where}: int ranges need integer low/high/step")
 
@@ -252,6 +364,11 @@ def _parse_pruning(value: Any, src: str) -> PruningSpec:
     p = PruningSpec(type=value) if isinstance(value, str) else from_dict(PruningSpec, value, f"{src}:pruning")
     if p.type not in PRUNERS:
         raise ConfigError(f"{src}:pruning.type: {p.type!r} is not one of {', '.join(PRUNERS)}")
+    for key, low in (("n_startup_trials", 0), ("n_warmup_steps", 0), ("interval_steps", 1)):
+        if getattr(p, key) < low:
+            raise ConfigError(f"{src}:pruning.{key}: expected an integer >= {low}, got {getattr(p, key)!r}")
+    if not 0 < p.percentile < 100:
+        raise ConfigError(f"{src}:pruning.percentile: {p.percentile!r} is outside (0, 100)")
     return p
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,8 @@ from mgbench.tracking import TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
 
 TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow run id, folder, params, config, jobs
 RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metrics, step, error
+TAG_ERROR = "mgbench.error"   # a failed trial's error (first 5000 characters); the traceback is the artifact below
+A_ERROR = "error.txt"         # artifact of a failed trial: its error and traceback
 
 
 def trial_dir(spec: StudySpec, number: int) -> Path:
@@ -185,6 +188,12 @@ def _failure(e: BaseException) -> dict[str, Any]:
             "traceback": traceback.format_exc()}
 
 
+def record_error(client: Any, run_id: str, error: str, traceback_text: str | None = None) -> None:
+    """Attach a failure to the trial's MLflow run: the error as a tag, error and traceback as an artifact."""
+    client.set_tag(run_id, TAG_ERROR, error[:5000])
+    client.log_text(run_id, error + ("\n\n" + traceback_text if traceback_text else "") + "\n", A_ERROR)
+
+
 def _set_tags(tracker: MlflowTracker, tags: dict[str, str | None]) -> None:
     for k, v in tags.items():
         if v is not None:
@@ -198,5 +207,10 @@ def _close_run(tracker: MlflowTracker, result: dict[str, Any]) -> None:
     if status == "paused":
         return
     tracker.client.set_tag(tracker.run_id, TAG_STATUS, status)
+    if status == "failed":
+        try:
+            record_error(tracker.client, tracker.run_id, result.get("error") or "failed", result.get("traceback"))
+        except Exception as e:  # noqa: BLE001 - result.json has the error either way; the run must still end
+            print(f"could not attach the error to MLflow run {tracker.run_id}: {e}", file=sys.stderr)
     end = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}[status]
     tracker.client.set_terminated(tracker.run_id, end)
