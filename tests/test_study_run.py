@@ -101,3 +101,29 @@ def test_paused_trials_resume_in_their_folder_with_journal_storage(tmp_path):
     assert kinds == ["submit", "paused", "submit", "paused", "submit", "end"]
     run = MlflowClient(spec.tracking_uri).get_run(rec["run_id"])
     assert run.data.tags[TAG_STATUS] == "finished"
+
+
+def test_named_grid_of_settings_runs_and_logs_its_keys(tmp_path):
+    """A named grid (Table 5's rows: fixed w vs w-input with a w range) runs as 2 trials whose MLflow params
+    are the real trainer keys, so reports label the rows by them."""
+    spec_text = (STUDIES / "_test_grid.yaml").read_text().replace("extends: base/grid2d.yaml",
+                                                                 f"extends: {STUDIES / 'base' / 'grid2d.yaml'}")
+    spec_text = spec_text.split("space:")[0] + (
+        "space:\n  variant:\n    grid:\n      - {objective.w: 1.5}\n"
+        "      - {objective.w: 1.5, model.w_input: true, objective.w_range: [1.0, 1.9]}\n"
+        "sampler: grid\nobjective: {metric: off_class, direction: minimize}\n"
+        "eval_hook: mgbench.study.testing:quick_eval_hook\nexecutor: debug\nparallelism: 2\npoll_s: 0.2\n")
+    (tmp_path / "spec.yaml").write_text(spec_text.replace("name: _test_grid", "name: _test_bundles"))
+    out = tmp_path / "study"
+    spec = load_spec(tmp_path / "spec.yaml", {"out_dir": str(out)})
+    summary = run_study(spec, echo=lambda s: None)
+    assert (summary.n_complete, summary.n_failed) == (2, 0)
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name("_test_bundles")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")}
+    assert set(runs) == {"w=1.50", "w=1.50 w_input=True w_range=[1.0, 1.9]"}
+    fixed, scaled = runs["w=1.50"].data.params, runs["w=1.50 w_input=True w_range=[1.0, 1.9]"].data.params
+    assert (fixed["model.w_input"], fixed["objective.w_range"]) == ("False", "None")
+    assert (scaled["model.w_input"], scaled["objective.w_range"]) == ("True", "[1.0, 1.9]")
+    rows = status_rows(spec)
+    assert sorted(r["params"] for r in rows) == sorted(runs)

@@ -150,3 +150,52 @@ def test_cli_validate(tmp_path, capsys):
     assert study_main(["study", "validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}:parallelism: expected an integer >= 1, got 0"
+
+
+BUNDLES = textwrap.dedent("""
+    name: s_bundles
+    extends: base.yaml
+    space:
+      variant:
+        grid:
+          - {objective.w: 1.5}
+          - {objective.w: 1.5, model.w_input: true, objective.w_range: [1.0, 1.9]}
+      train.seed: {grid: [0, 1]}
+    sampler: grid
+    objective: {metric: off_support}
+""")
+
+
+def test_named_grid_of_settings(tmp_path, capsys):
+    """Ablation rows that are not a product of single keys (Table 5: w-input needs a w range too)."""
+    spec = load_spec(write_spec(tmp_path, BUNDLES), {"out_dir": str(tmp_path / "out")})
+    assert spec.n_trials == 4
+    labels = spec.space["variant"].grid
+    assert labels == ["objective.w=1.5", 'objective.w=1.5 model.w_input=true objective.w_range=[1.0, 1.9]']
+    points = grid_points(spec)
+    assert points[1] == {"variant": labels[0], "train.seed": 1}
+    cfg = spec.trial_config({"variant": labels[1], "train.seed": 1}, 3, "/x")
+    assert cfg["model"]["w_input"] is True and cfg["objective"]["w_range"] == [1.0, 1.9]
+    assert cfg["objective"]["w"] == 1.5 and cfg["train"]["seed"] == 1
+    assert spec.settings({"variant": labels[0], "train.seed": 0}) == {"objective.w": 1.5, "train.seed": 0}
+    spec.trial_config({"variant": labels[1]}, 0, "/y")["objective"]["w_range"].append(9)   # configs never share lists
+    assert spec.space["variant"].bundles[labels[1]]["objective.w_range"] == [1.0, 1.9]
+    assert study_main(["study", "run", str(tmp_path / "spec.yaml"), "--dry-run", "--out-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "w=1.50 w_input=True w_range=[1.0, 1.9] seed=1" in out and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("[{objective.ww: 1.5}]", "spec.yaml:space.variant.grid[0].objective.ww: unknown trainer key"),
+    ("[{objective.w: 1.5}, {}]", "spec.yaml:space.variant.grid[1]: empty setting"),
+    ("[{objective.w: 1.5}, {objective.w: 1.5}]", "spec.yaml:space.variant.grid[1]: repeats setting"),
+    ("[{objective.w: 0.5}]", "spec.yaml:space.variant.objective.w: 0.5 is outside [1.0, 100.0]"),
+    ("[1.5, 2.0]", "spec.yaml:space.variant: unknown trainer key"),
+])
+def test_named_grid_errors(tmp_path, variant, expected):
+    body = BUNDLES.replace(BUNDLES[BUNDLES.index("  variant:"):BUNDLES.index("  train.seed")],
+                           f"  variant: {{grid: {variant}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_spec(tmp_path, body), {"out_dir": str(tmp_path / "out")})
+    msg = str(err.value)
+    assert msg.startswith(str(tmp_path)) and expected in msg and "\n" not in msg, msg

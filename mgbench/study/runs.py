@@ -61,7 +61,7 @@ def trial_run(c: Any, exp_id: str, parent_id: str, spec: StudySpec, number: int,
               cfg: TrainConfig) -> str:
     """Create the nested run of one trial: tags, searched params (as the trainer parses them), artifacts."""
     flat = flatten(cfg.to_dict())
-    searched = {k: flat[k] for k in params}
+    searched = {k: flat[k] for k in spec.settings(params)}
     tags = {MLFLOW_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
             TAG_STATUS: "running", TAG_SCALE: scale_label(cfg), TAG_OUT_DIR: cfg.out_dir}
     run = c.create_run(exp_id, run_name=trial_run_name(searched), tags=tags)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class ParamSpec:
     step: float | None = None      # float/int: discretisation step
     choices: list[Any] | None = None  # categorical: the values
     grid: list[Any] | None = None  # ablation values (grid sampler; categorical for tpe/random)
+    bundles: dict[str, dict[str, Any]] | None = None  # a grid of settings: label -> {dotted trainer key: value}
 
     @property
     def values(self) -> list[Any] | None:
@@ -100,11 +102,19 @@ class StudySpec:
         """The grid of a grid study (every param has finite values)."""
         return {k: p.values for k, p in self.space.items()}  # type: ignore[misc]
 
+    def settings(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's params as dotted trainer keys (a named grid of settings expanded into its keys)."""
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            bundles = self.space[key].bundles if key in self.space else None
+            out.update(bundles[value] if bundles and value in bundles else {key: value})
+        return out
+
     def trial_config(self, params: dict[str, Any], number: int, out_dir: str) -> dict[str, Any]:
         """The trainer config mapping of one trial (base + params + its folder)."""
         data = copy.deepcopy(self.base)
-        for key, value in params.items():
-            set_dotted(data, key, value)
+        for dotted, value in self.settings(params).items():
+            set_dotted(data, dotted, copy.deepcopy(value))
         data["name"] = f"{self.name}-{number:04d}"
         data["out_dir"] = out_dir
         return data
@@ -303,10 +313,15 @@ def _parse_space(space: Any, src: str) -> dict[str, ParamSpec]:
     out = {}
     for key, body in space.items():
         where = f"{src}:space.{key}"
-        if key not in known:
-            raise ConfigError(f"{where}: unknown trainer key (e.g. objective.w, objective.label_drop, train.seed)")
         if isinstance(body, list):
             body = {"grid": body}
+        if key not in known and isinstance(body, dict) and isinstance(body.get("grid"), list) and body["grid"] \
+                and all(isinstance(v, dict) for v in body["grid"]):
+            out[key] = _bundle_param(key, body, known, where)
+            continue
+        if key not in known:
+            raise ConfigError(f"{where}: unknown trainer key (e.g. objective.w, objective.label_drop, train.seed); "
+                              "or a named grid of settings: {grid: [{key: value, ...}, ...]}")
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: expected a list of grid values or a mapping (grid: [...], choices: [...], "
                               f"or type/low/high), got {body!r}")
@@ -314,6 +329,27 @@ def _parse_space(space: Any, src: str) -> dict[str, ParamSpec]:
         _check_param(p, where)
         out[key] = p
     return out
+
+
+def _bundle_param(key: str, body: dict[str, Any], known: set[str], where: str) -> ParamSpec:
+    """A named grid of settings (rows of an ablation that are not a product of single keys), e.g.
+    `variant: {grid: [{model.w_input: false}, {model.w_input: true, objective.w_range: [1.0, 2.0]}]}`.
+    Optuna sees one categorical parameter whose values are the settings' labels."""
+    if set(body) - {"grid"}:
+        raise ConfigError(f"{where}: a named grid of settings takes only `grid: [...]`, got {sorted(set(body) - {'grid'})}")
+    bundles: dict[str, dict[str, Any]] = {}
+    for i, setting in enumerate(body["grid"]):
+        if not setting:
+            raise ConfigError(f"{where}.grid[{i}]: empty setting (give at least one dotted trainer key)")
+        for dotted in setting:
+            if dotted not in known:
+                raise ConfigError(f"{where}.grid[{i}].{dotted}: unknown trainer key "
+                                  "(e.g. objective.w, model.w_input, objective.w_range)")
+        label = " ".join(f"{k}={json.dumps(v)}" for k, v in setting.items())
+        if label in bundles:
+            raise ConfigError(f"{where}.grid[{i}]: repeats setting {label!r}")
+        bundles[label] = dict(setting)
+    return ParamSpec(type="categorical", grid=list(bundles), bundles=bundles)
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> set[str]:
@@ -471,7 +507,10 @@ def validate_trial(spec: StudySpec, params: dict[str, Any], number: int = 0) -> 
         if not m:
             raise ConfigError(f"{spec.path}:base: {msg}") from None
         fld, rest = m.groups()
-        section = "space" if fld in params else "base"
+        bundled = [k for k in params if spec.space.get(k) and spec.space[k].bundles
+                   and fld in spec.space[k].bundles.get(params[k], {})]
+        section = "space" if fld in params or bundled else "base"
+        fld = f"{bundled[0]}.{fld}" if bundled and fld not in params else fld
         given = f" (trial {params})" if params else ""
         raise ConfigError(f"{spec.path}:{section}.{fld}: {rest}{given}") from None
 

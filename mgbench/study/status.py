@@ -38,7 +38,7 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
             alive = t is not None and t.state == TrialState.RUNNING and job_alive(ref)
             job_state = f"{ref['job_id']} ({'alive' if alive else 'ended'})"
         rows.append({"trial": number, "state": state, "value": t.value if t is not None else None,
-                     "params": trial_run_name(rec.get("params") or (t.params if t else {})),
+                     "params": trial_run_name(spec.settings(rec.get("params") or (t.params if t else {}))),
                      "job": job_state, "result": result.get("status", "-"), "step": result.get("step"),
                      "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
     return rows
@@ -89,7 +89,7 @@ def dry_run(spec: StudySpec) -> str:
             lines.append(f"  {key}: {rng}")
         lines.append("corners:")
     for i, pt in enumerate(points):
-        lines.append(f"  {i:4d}  {trial_run_name(pt)}")
+        lines.append(f"  {i:4d}  {trial_run_name(spec.settings(pt))}")
     from mgbench.study.prepare import describe
 
     lines += describe(spec)
