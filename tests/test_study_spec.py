@@ -199,3 +199,16 @@ def test_named_grid_errors(tmp_path, variant, expected):
         load_spec(write_spec(tmp_path, body), {"out_dir": str(tmp_path / "out")})
     msg = str(err.value)
     assert msg.startswith(str(tmp_path)) and expected in msg and "\n" not in msg, msg
+
+
+def test_local_trials_share_the_cores(tmp_path):
+    """Local trials split the machine's cores (2 cores, 2 in flight -> 1 torch thread each) unless the user chose."""
+    from mgbench.study.trial import local_threads
+
+    spec = load_spec(write_spec(tmp_path, GOOD + "executor: local\nparallelism: 2\n"), {"out_dir": str(tmp_path / "o")})
+    assert local_threads(spec, cpus=2, env={}) == 1
+    assert local_threads(spec, cpus=16, env={}) == 8
+    assert local_threads(spec, cpus=1, env={}) == 1
+    assert local_threads(spec, cpus=2, env={"OMP_NUM_THREADS": "2"}) is None
+    spec.executor.type = "slurm"      # a cluster job gets the CPUs its allocation says
+    assert local_threads(spec, cpus=2, env={}) is None

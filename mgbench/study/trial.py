@@ -133,6 +133,18 @@ def _export_distributed() -> int:
     return 0
 
 
+def local_threads(spec: StudySpec, cpus: int | None = None, env: dict[str, str] | None = None) -> int | None:
+    """Torch threads for a trial on the local executor: the machine's cores shared by the trials in flight
+    (2 cores, parallelism 2 -> 1 thread each, not 2 x 2 fighting for 2 cores). None: leave torch alone
+    (another executor, or the user set OMP_NUM_THREADS)."""
+    env = os.environ if env is None else env
+    if spec.executor.type != "local" or env.get("OMP_NUM_THREADS"):
+        return None
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, spec.parallelism))
+
+
 class TrialJob(submitit.helpers.Checkpointable):
     """Trains one trial from its `trial.json`; rerunning it resumes the same trial, run and folder."""
 
@@ -148,6 +160,11 @@ class TrialJob(submitit.helpers.Checkpointable):
         folder = trial_dir(self.spec, self.number)
         rec = read_trial(folder)
         rank = _export_distributed()
+        threads = local_threads(self.spec)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         started = time.time()
         tracker = MlflowTracker(rec["run_id"], self.spec.tracking_uri) if rank == 0 else None
         if tracker is not None:
