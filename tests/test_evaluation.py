@@ -159,3 +159,17 @@ def test_missing_weights_fail_before_any_training_step(tmp_path, capsys):
     from mgbench.evaluation.hook import make_eval_hook
 
     assert callable(make_eval_hook(train_config_from_dict(cfg)))
+
+
+def test_fid_one_repeated_class_is_far_from_the_data(cache, extractor, splits):
+    """Held-out digits are far closer to the training split than the same number of images of one class."""
+    train, test = splits
+    labels = load_dataset(DIGITS, "train").y
+    ref = M.dataset_reference(DIGITS, extractor, ["fid", "prc"], cache)
+    held = M.image_metrics(test, ref, extractor, ["fid", "prc"])
+    zeros = train[labels == 0]
+    one_class = zeros[torch.arange(len(test)) % len(zeros)]
+    collapsed = M.image_metrics(one_class, ref, extractor, ["fid", "prc"])
+    print(f"FID held-out {held['fid']:.3f}, one class {collapsed['fid']:.3f}")
+    assert collapsed["fid"] > 20 * held["fid"]
+    assert collapsed["recall"] < 0.25 < held["recall"]      # mode collapse shows as lost recall
