@@ -201,6 +201,8 @@ def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, cap
     add_report_parser(parser.add_subparsers(dest="command"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parser = argparse.ArgumentParser()          # its --tracking-uri default reads the environment when built
+    add_report_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", "table3", "--study", "t3_w", "--study", "t3_auto", "--out", str(tmp_path / "cli")])
     assert run_report(args) == 2          # a bare name needs a tracking URI: no stray ./mlflow.db store
     assert "--tracking-uri" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
@@ -213,3 +215,16 @@ def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, cap
                               "--study", str(tmp_path / "t3_auto.yaml"), "--out", str(tmp_path / "cli")])
     assert run_report(args) == 0
     assert (tmp_path / "cli" / "table3.csv").read_bytes() == (tmp_path / "out" / "table3.csv").read_bytes()
+
+
+def test_loading_through_mlflow_leaves_the_tracking_uri_alone(store, monkeypatch):
+    """The mlflow reader sets MLflow's global URI for one search and restores it, not a resolved default."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_state, "_tracking_uri", None)     # as in a fresh process: no URI set
+    runs = L.load_runs(store, "ablate", reader="mlflow")
+    assert len(runs) == 10
+    assert "MLFLOW_TRACKING_URI" not in os.environ

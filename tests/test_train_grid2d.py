@@ -31,7 +31,7 @@ def test_mg_samples_land_in_their_class_squares_more_often_than_vanilla(tmp_path
     in_van = (grid.class_of(torch.tensor(x_van)) == torch.tensor(y_van)).float().mean().item()
     in_mg = (grid.class_of(torch.tensor(x_mg)) == torch.tensor(y_mg)).float().mean().item()
     print(f"in-class: vanilla {in_van:.3f} ({t_van:.0f} s), MG w=1.5 {in_mg:.3f} ({t_mg:.0f} s), 1 NFE per step")
-    assert t_van < 300 and t_mg < 300
+    # Wall time is printed, not asserted: it depends on what else runs on the cores (`mgbench bench` measures speed).
     assert len(x_mg) == 2000 and set(np.unique(y_mg)) == {0, 1}
     assert in_mg > in_van + 0.03, (in_van, in_mg)
     assert in_mg > 0.9

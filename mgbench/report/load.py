@@ -160,7 +160,11 @@ def load_runs(tracking_uri: str | None, study: str | None = None, experiment: st
 def _search_mlflow(tracking_uri: str | None, ids: list[str], clauses: dict[str, str]) -> pd.DataFrame:
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    # The URI as set (None when unset): restoring mlflow.get_tracking_uri() instead would pin the resolved
+    # default (./mlflow.db) into $MLFLOW_TRACKING_URI for the rest of the process.
+    previous = tracking_state._tracking_uri
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
