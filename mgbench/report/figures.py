@@ -167,15 +167,22 @@ def fig5(runs: pd.DataFrame, tracking_uri: str | None | dict[str, str | None], o
     data = fig5_data(runs, histories)
     gains = speedups(data)
     plt, sns = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    if not data.empty:
-        sns.lineplot(data, x="step", y="fid", hue="method", style="model", marker="o", ax=ax, errorbar=None)
-    for i, g in enumerate(gains.to_dict("records")):
-        text = (f"{g['model']} {g['method']}: vanilla's final FID {g['vanilla_final_fid']:.2f} at step "
-                f"{g['mg_steps_to_reach']:.0f}, {g['speedup']:.1f}x faster" if g["speedup"] else
-                f"{g['model']} {g['method']}: does not reach vanilla's final FID {g['vanilla_final_fid']:.2f}")
-        ax.text(0.98, 0.95 - 0.07 * i, text, transform=ax.transAxes, ha="right", va="top", fontsize=7)
-    ax.set(xlabel="training step", ylabel="FID", title="FID against training steps")
+    models = sorted(data["model"].unique()) or [""]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.0 * len(models), 4.6), squeeze=False)
+    for ax, model in zip(axes[0], models):   # one panel per model: MG at each w against vanilla
+        part = data[data["model"] == model]
+        if not part.empty:
+            sns.lineplot(part, x="step", y="fid", hue="method", marker="o", ax=ax, errorbar=None)
+            ax.set_yscale("log")
+        lines = []
+        for g in gains[gains["model"] == model].to_dict("records"):
+            if lines == []:
+                lines.append(f"vanilla's final FID ({g['vanilla_final_fid']:.2f}, step {g['vanilla_steps']:.0f}):")
+            reached = pd.notna(g["speedup"]) and g["speedup"]
+            lines.append(f"  {g['method']}: at step {g['mg_steps_to_reach']:.0f}, {g['speedup']:.1f}x faster"
+                         if reached else f"  {g['method']}: not reached")
+        ax.text(0.0, -0.18, "\n".join(lines), transform=ax.transAxes, ha="left", va="top", fontsize=7)
+        ax.set(xlabel="training step", ylabel="FID (log scale)", title=f"{model}: FID against training steps")
     fig.tight_layout()
     save_figure(fig, out_dir, "fig5_convergence")
     return data, gains
