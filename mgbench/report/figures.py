@@ -150,11 +150,10 @@ def metric_histories(tracking_uri: str | None | dict[str, str | None], run_ids: 
     """(step, value) history of one metric per run, from MLflow (one URI, or a URI per run id)."""
     from mlflow.tracking import MlflowClient
 
-    uris = tracking_uri if isinstance(tracking_uri, dict) else {}
     clients: dict[str | None, MlflowClient] = {}
     out = {}
     for run_id in run_ids:
-        uri = uris.get(run_id) if isinstance(tracking_uri, dict) else tracking_uri
+        uri = tracking_uri.get(run_id) if isinstance(tracking_uri, dict) else tracking_uri
         client = clients.setdefault(uri, MlflowClient(uri))
         hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
         out[run_id] = list({s: v for s, _, v in hist}.items())   # the latest value logged at each step
