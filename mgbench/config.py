@@ -61,16 +61,26 @@ class ModelConfig:
 
 @dataclass
 class AutoWConfig:
+    # The rule is in mgbench/trainer/autow.py: each decision probes w - step and w + step on the evaluated checkpoint.
     enabled: bool = False          # adjust w from intermediate evaluations (starts at vanilla, w = 1)
-    metric: str = "fid"            # evaluation metric that drives w (lower is better)
-    step: float = 0.1              # size of one move of the target w
-    decay: float = 0.5             # w <- decay * w + (1 - decay) * target w
+    metric: str = "fid"            # evaluation metric that drives w (a mgbench.metric_registry name; it gives the direction)
+    step: float = 0.1              # probe offset d: each decision also evaluates w - d and w + d (clipped to [1, w_max])
+    decay: float = 0.5             # w <- decay * w + (1 - decay) * target w (the better probe's w)
     w_max: float = 3.0             # upper bound of w
+    alpha: float = 0.05            # K >= 2 sample seeds: move only if the paired gain is significant (one-sided t, Bonferroni)
+    min_gain: float = 0.02         # K = 1 (or SE 0): move only if the paired gain exceeds this share of |the run's value|
+    min_gap: int = 0               # min steps between decisions (0: the EMA teacher's time constant 1 / (1 - decay) then)
 
     def validate(self, where: str) -> None:
+        from mgbench.metric_registry import METRICS
+
+        _choice(where, "metric", self.metric, tuple(k for k, v in METRICS.items() if v.family != "speed"))
         _range(where, "step", self.step, 0.0, 10.0, low_open=True)
         _range(where, "decay", self.decay, 0.0, 1.0, high_open=True)
         _range(where, "w_max", self.w_max, 1.0, 100.0)
+        _range(where, "alpha", self.alpha, 0.0, 0.5, low_open=True)
+        _range(where, "min_gain", self.min_gain, 0.0, 10.0)
+        _range(where, "min_gap", self.min_gap, 0, 10**9)
 
 
 @dataclass
@@ -80,11 +90,18 @@ class ObjectiveConfig:
     w: float = 1.0                 # the paper's w: 1 = vanilla; the target weight is g = w - 1
     w_range: list[float] | None = None  # [lo, hi]: sample w per sample instead of the fixed w
     teacher: str = "ema"           # ema | online: which weights give sg(pred(c) - pred(empty))
-    t_high: float = 0.75           # MG term only where t < t_high (flow time; DDPM: timestep < t_high * T)
+    t_high: float = 0.75           # MG term only where t < t_high (flow time; DDPM steps mapped by t_map)
+    t_map: str = "snr"             # DDPM step -> flow time: snr (equal SNR; 0.75 = step ~475/1000) | linear (step / T)
     start_step: int = 0            # plain training before this step, MG after
-    mg_fraction: float = 1.0       # share of the labelled samples that get the MG target
-    empty_class: bool = True       # False: no empty label; unconditional = mean over N label predictions
-    uncond_labels: int = 0         # N labels for that mean (0 = all classes)
+    # w-input models are fed w = 0 on dropped samples, w = 1 (plain target) on labelled ones off the MG
+    # share, their sampled w on the MG share: the authors' 70% w = 1 / 20% MG / 10% dropped is
+    # label_drop: 0.1, mg_fraction: 0.2222 (0.2 / 0.9).
+    mg_fraction: float = 1.0       # share of the labelled samples on the MG target (the rest: plain target)
+    empty_class: bool = True       # False: no empty label; unconditional estimated from labels (uncond_estimate)
+    # Without an empty class, uniform is the mean over labels, the sample's own included (paper Eq. 23);
+    # other_label contrasts with one random label other than the sample's own (the authors' code).
+    uncond_estimate: str = "uniform"  # uniform | other_label (teacher only; sampling uses uniform)
+    uncond_labels: int = 0         # uniform: N labels in that mean (0 = all classes, else N distinct random ones)
     force: bool = False            # allow f*g >= 1 (no fixed point: training diverges)
     diffusion_steps: int = 1000    # DDPM T (linear betas 1e-4 .. 0.02)
     auto_w: AutoWConfig = field(default_factory=AutoWConfig)
@@ -97,6 +114,8 @@ class ObjectiveConfig:
     def validate(self, where: str) -> None:
         _choice(where, "formulation", self.formulation, ("flow", "diffusion"))
         _choice(where, "teacher", self.teacher, ("ema", "online"))
+        _choice(where, "t_map", self.t_map, ("snr", "linear"))
+        _choice(where, "uncond_estimate", self.uncond_estimate, ("uniform", "other_label"))
         _range(where, "label_drop", self.label_drop, 0.0, 1.0, high_open=True)
         _range(where, "w", self.w, 1.0, 100.0)
         if self.w_range is not None:
@@ -142,8 +161,9 @@ class OptimConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "auto"          # auto (ddpm for diffusion, euler for flow) | ddpm | euler | heun | euler_maruyama
+    sampler: str = "auto"          # auto (ddpm for diffusion, euler for flow) | ddpm | ddim (diffusion, deterministic, eta 0) | euler | heun | euler_maruyama
     steps: int = 50                # sampling steps (DDPM: respaced to this many)
+    spacing: str = "linear"        # ddpm/ddim respacing: linear (evenly spaced) | quadratic (finer low-noise steps)
     guidance: str = "auto"         # auto (mg for MG models, none otherwise) | none | cfg | mg | mg+cfg
     cfg_scale: float = 0.0         # CFG s: pred = cond + s * (cond - uncond); s = 0 is the conditional model
     w: float | None = None         # w-input models: the w fed at sampling (default: the trained w)
@@ -151,8 +171,9 @@ class SampleConfig:
     seed: int = 0                  # sample i uses seed + i
 
     def validate(self, where: str) -> None:
-        _choice(where, "sampler", self.sampler, ("auto", "ddpm", "euler", "heun", "euler_maruyama"))
+        _choice(where, "sampler", self.sampler, ("auto", "ddpm", "ddim", "euler", "heun", "euler_maruyama"))
         _choice(where, "guidance", self.guidance, ("auto", "none", "cfg", "mg", "mg+cfg"))
+        _choice(where, "spacing", self.spacing, ("linear", "quadratic"))
         _range(where, "steps", self.steps, 1, 100000)
         _range(where, "cfg_scale", self.cfg_scale, 0.0, 100.0)
 
@@ -160,7 +181,8 @@ class SampleConfig:
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, is, kid, prc (= precision, recall), img_per_s; grid2d always gets in_class, off_support, coverage, swd, center_dist
-    n_samples: int = 1000          # generated samples per evaluation (class-balanced, seed per sample)
+    n_samples: int = 1000          # generated samples per evaluation and sample seed (class-balanced, seed per sample)
+    sample_seeds: int = 1          # K: each evaluation draws K disjoint sample sets and logs mean, SE and each value
     extractor: str = "auto"        # auto (digits/mnist: mgbench's classifier; imagefolder: inception) | classifier | inception | a registered name
     inception_weights: str | None = None  # local file pt_inception-2015-12-05-6726825d.pth (never downloaded)
     reference: str | None = None   # ADM reference batch .npz (ImageNet); default: statistics of the training split
@@ -168,11 +190,16 @@ class EvalConfig:
     cache_dir: str = "~/.cache/mgbench"  # reference statistics and extractor weights
     batch_size: int = 256          # sampling batch for evaluation (also the IMG/S batch)
     cfg_sweep: list[float] = field(default_factory=list)  # extra evaluations at these CFG scales (Fig. 4)
+    w_sweep: list[float] = field(default_factory=list)    # w-input models: extra evaluations fed these w (matched strength)
+    sweep_final_only: bool = False  # run cfg_sweep / w_sweep only at the final evaluation (they multiply its cost)
     coverage_k: int = 0            # grid2d coverage: a square counts with >= k samples (0 = a quarter of the uniform count)
     save: str = "none"             # keep generated images under <out_dir>/eval/step_N/: none | npz (ADM arr_0) | png | both
 
     def validate(self, where: str) -> None:
         _range(where, "n_samples", self.n_samples, 2, 10**7)
+        _range(where, "sample_seeds", self.sample_seeds, 1, 1000)
+        for i, w in enumerate(self.w_sweep):
+            _range(where, f"w_sweep[{i}]", w, 1.0, 100.0)
         _range(where, "batch_size", self.batch_size, 1, 10**6)
         _range(where, "n_reference", self.n_reference, 0, 10**8)
         _range(where, "coverage_k", self.coverage_k, 0, 10**9)

@@ -19,19 +19,33 @@ TAG_SLURM_JOB = "mgbench.slurm_job_id"  # SLURM job id of the trial's job (array
 TAG_STATUS = "mgbench.status"          # running | finished | failed | pruned
 TAG_SCALE = "mgbench.scale"            # e.g. "digits, 2000 steps": labels measured rows in reports
 TAG_OUT_DIR = "mgbench.out_dir"        # the run's checkpoint folder
+TAG_CONFIG_HASH = "mgbench.config_hash"  # content hash of the trial's resolved config (mgbench.study.reuse)
+TAG_REUSED_FROM = "mgbench.reused_from"  # a trial copied from an equal one: "<study>/<trial number>/<run id>"
+
+# The one status map: mgbench status (TAG_STATUS) -> MLflow run status. A pruned trial's run ends KILLED, so
+# readers take the status from the TAG_STATUS tag first (mgbench.report.load does).
+STATUS_TO_MLFLOW = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
 
 # Step metrics logged by the trainer.
 M_LOSS = "train/loss"                  # mean loss over the logging window
 M_LOSS_MG = "train/loss_mg_share"      # share of the batch that got the MG target
 M_W = "train/w"                        # current w (the paper's convention; moves under auto-w)
 M_STEP_TIME = "train/step_time_s"      # wall seconds per step over the window
-M_IMPLIED_CFG = "train/implied_cfg_scale"  # f*g / (1 - f*g) at the current w
+M_IMPLIED_CFG = "train/implied_cfg_scale"  # the CFG scale MG trains towards: f*g / (1 - f*g); w-input models g
+M_EMA_DECAY = "train/ema_decay"        # the EMA (teacher) decay used at the window's last step
 M_RESUMED = "train/resumed_from_step"  # logged (value = step) each time a run resumes from a checkpoint
 # Evaluation metrics (evaluation hook; final values also as summary metrics of the run).
 M_EVAL = "eval/{}"                     # eval/fid, eval/is, eval/sfid, eval/precision, eval/recall, ...
 M_IMG_PER_S = "eval/img_per_s"
 M_NFE = "eval/nfe"                     # network forwards per sample over the whole sampling trajectory
 M_SWEEP = "sweep/cfg_scale_{scale:.2f}/{metric}"  # an evaluation at another CFG scale (Fig. 4): sweep/cfg_scale_0.50/fid
+M_WSWEEP = "wsweep/w_{w:.2f}/{metric}"  # a w-input model evaluated at another fed w (matched strength): wsweep/w_2.00/fid
+# Evaluation noise: every evaluation draws K sample seeds (eval.sample_seeds). `<name>` is the mean over the K
+# seeds, `<name>_se` its standard error (K >= 2), `<name>/seed_<k>` the value at seed index k (shared by every run,
+# so rows can be compared paired); `eval/n_sample_seeds` is K.
+M_SAMPLE_SEEDS = "eval/n_sample_seeds"
+M_PROBE = "probe/{name}/{metric}"      # auto-w: the same checkpoint sampled with other guidance (probe/higher/fid)
+M_AUTO_W = "auto_w/{}"                 # auto-w decisions (trainer/autow.py): auto_w/target, gain, threshold, moved
 # Model size (logged once at step 0).
 M_PARAMS = "model/n_params"            # trainable parameters
 M_GFLOPS = "model/gflops_per_forward"  # forward GFLOPs per sample
@@ -47,9 +61,37 @@ def metric_sweep(scale: float, metric: str) -> str:
     return M_SWEEP.format(scale=scale, metric=metric)
 
 
+def metric_wsweep(w: float, metric: str) -> str:
+    """The tracked name of a metric of a w-input model fed another w at sampling."""
+    return M_WSWEEP.format(w=w, metric=metric)
+
+
+def metric_probe(name: str, metric: str) -> str:
+    """The tracked name of a metric of an auto-w probe (the same checkpoint sampled with other guidance)."""
+    return M_PROBE.format(name=name, metric=metric)
+
+
+def metric_se(name: str) -> str:
+    """The tracked name of the standard error (over sample seeds) of a tracked evaluation metric."""
+    return f"{name}_se"
+
+
+def metric_seed(name: str, k: int) -> str:
+    """The tracked name of an evaluation metric at sample-seed index k."""
+    return f"{name}/seed_{k}"
+
+
 def metric_eval(name: str) -> str:
     """The tracked name of an evaluation metric (`fid` -> `eval/fid`)."""
     return M_EVAL.format(name)
+
+
+PASS_THROUGH = ("sweep/", "wsweep/", "probe/")   # evaluation names the trainer logs as they are
+
+
+def tracked_eval(metrics: dict[str, float]) -> dict[str, float]:
+    """An evaluation hook's result under tracked names: `fid` -> `eval/fid`, `fid/seed_0` -> `eval/fid/seed_0`."""
+    return {k if k.startswith(PASS_THROUGH) else metric_eval(k): v for k, v in metrics.items()}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

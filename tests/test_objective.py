@@ -159,11 +159,13 @@ def test_t_high_and_start_step_leave_the_plain_target():
     assert 0 < stats["mg_share"] < 0.7
     _, stats = obj.loss(model, teacher, x0, y, nz, mg_on=False)
     assert stats["mg_share"] == 0.0
-    # DDPM: t_high applies on the step index as flow time t / T.
-    dobj = Objective(ObjectiveConfig(formulation="diffusion", w=1.5, t_high=0.25), C)
-    x0, y, nz = _batch(dobj)
-    _, stats = dobj.loss(model, teacher, x0, y, nz, mg_on=True)
-    assert stats["mg_share"] == pytest.approx((nz.mg & ~nz.drop & (nz.t < 250)).float().mean().item())
+    # DDPM: t_high applies to the step's flow time, t / T (linear) or that of equal SNR (snr: flow t = 0.25 has
+    # SNR (0.75 / 0.25)^2 = 9 = abar / (1 - abar), so MG stops at the first step with abar <= 0.9).
+    for t_map, first_off in (("linear", 250), ("snr", _first_step_with_abar_at_most(1000, 0.9))):
+        dobj = Objective(ObjectiveConfig(formulation="diffusion", w=1.5, t_high=0.25, t_map=t_map), C)
+        x0, y, nz = _batch(dobj)
+        _, stats = dobj.loss(model, teacher, x0, y, nz, mg_on=True)
+        assert stats["mg_share"] == pytest.approx((nz.mg & ~nz.drop & (nz.t < first_off)).float().mean().item())
 
 
 def test_implied_cfg_scale_and_the_fixed_point_guard():
@@ -171,6 +173,8 @@ def test_implied_cfg_scale_and_the_fixed_point_guard():
     assert implied_cfg_scale(0.5, 0.5) == pytest.approx(1 / 3)
     assert implied_cfg_scale(1.0) == math.inf
     assert implied_cfg_scale(0.8, 1.0, w_input=True) == pytest.approx(0.8)
+    assert implied_cfg_scale(0.5, 0.2222, w_input=True) == pytest.approx(0.5)  # fed w converges to s = w - 1
+    assert implied_cfg_scale(1.5, 1.0, w_input=True) == pytest.approx(1.5)     # no feedback, no divergence
     with pytest.raises(ConfigError, match=r"cfg\.yaml:objective\.w: .*>= 1 has no fixed point"):
         train_config_from_dict({"objective": {"w": 2.0}}, "cfg.yaml")
     cfg = train_config_from_dict({"objective": {"w": 2.0, "mg_fraction": 0.5}}, "cfg.yaml")
@@ -218,7 +222,223 @@ def test_learned_variance_bound_is_zero_at_the_true_posterior_and_positive_elsew
     x0, eps = torch.randn(8, 4, 2, 2, generator=gen), torch.randn(8, 4, 2, 2, generator=gen)
     t = torch.tensor([1, 5, 50, 200, 400, 600, 800, 999])
     x_t = s.add_noise(x0, eps, t)
-    exact = obj._vlb(x0, x_t, t, eps, -torch.ones_like(x0))  # true eps, variance = the posterior's
+    exact = obj._vlb(x_t, t, eps, eps, -torch.ones_like(x0))  # true eps, variance = the posterior's
     assert exact.abs().max().item() < 1e-4
-    off = obj._vlb(x0, x_t, t, eps + 0.1, torch.ones_like(x0))
+    off = obj._vlb(x_t, t, eps, eps + 0.1, torch.ones_like(x0))
     assert (off > 1e-5).all() and off[0] > 0.1  # KL > 0 away from the posterior
+
+
+# ----------------------------------------------------------------------------- DDPM step <-> flow time
+
+
+def _abar_closed_form(T):
+    """alpha-bar of the linear-beta schedule, by plain float products (ADM's betas scaled by 1000 / T)."""
+    lo, hi = 1e-4 * 1000 / T, 0.02 * 1000 / T
+    out, prod = [], 1.0
+    for i in range(T):
+        prod *= 1.0 - (lo + (hi - lo) * i / (T - 1))
+        out.append(prod)
+    return out
+
+
+def _first_step_with_abar_at_most(T, a):
+    return next(s for s, ab in enumerate(_abar_closed_form(T)) if ab <= a)
+
+
+@pytest.mark.parametrize("T", [1000, 250])
+def test_snr_flow_time_has_the_ddpm_snr_and_round_trips_to_the_step(T):
+    s = DDPMSchedule(T, "snr")
+    steps = torch.arange(T)
+    ft = s.flow_time(steps)
+    abar = torch.tensor(_abar_closed_form(T), dtype=torch.float64)
+    torch.testing.assert_close(((1 - ft) / ft) ** 2, abar / (1 - abar), rtol=1e-9, atol=0)  # equal SNR
+    assert (ft.diff() > 0).all() and 0 < ft[0] and ft[-1] < 1
+    for t_map in ("snr", "linear"):
+        sch = DDPMSchedule(T, t_map)
+        assert torch.equal(sch.step_at(sch.flow_time(steps)), steps)  # step -> flow time -> step
+        u = torch.rand(500, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
+        k = sch.step_at(u)  # the first step at or past u: flow_time(step) < u exactly for step < k
+        assert torch.equal(sch.flow_time(steps)[None, :] < u[:, None], steps[None, :] < k[:, None])
+    assert torch.equal(DDPMSchedule(T, "linear").flow_time(steps), steps.double() / T)
+
+
+def test_snr_matched_numbers_of_the_1000_step_schedule():
+    s = DDPMSchedule(1000)
+    # Flow t = 0.75 has SNR (0.25 / 0.75)^2 = 1/9, i.e. abar = 0.1: the first DDPM step at or below it.
+    step = _first_step_with_abar_at_most(1000, 0.1)
+    assert abs(step - 475) <= 2 and int(s.step_at(0.75)) == step
+    a = _abar_closed_form(1000)[750]
+    closed = 1 / (1 + math.sqrt(a / (1 - a)))  # (1 - t) / t = sqrt(SNR)
+    assert float(s.flow_time(torch.tensor(750))) == pytest.approx(closed, rel=1e-9)
+    assert closed == pytest.approx(0.946, abs=5e-4)
+    assert float(DDPMSchedule(1000, "linear").flow_time(torch.tensor(750))) == 0.75
+
+
+def test_t_map_and_uncond_estimate_are_validated():
+    with pytest.raises(ConfigError, match=r"c:objective\.t_map: 'sqrt' is not one of snr, linear"):
+        train_config_from_dict({"objective": {"t_map": "sqrt"}}, "c")
+    with pytest.raises(ConfigError, match=r"c:objective\.uncond_estimate: 'x' is not one of uniform, other_label"):
+        train_config_from_dict({"objective": {"uncond_estimate": "x"}}, "c")
+    assert train_config_from_dict({}, "c").objective.t_map == "snr"
+
+
+# ----------------------------------------------------------------------------- w-input recipe
+
+
+def _output_leaf(b, d=2):
+    """A model whose output is a zero leaf: the target per sample is then -B * grad (mean over d = 2 dims)."""
+    out = torch.zeros(b, d, requires_grad=True)
+    calls = []
+
+    def model(x, t, y, w=None):
+        calls.append((y.clone(), None if w is None else w.clone()))
+        return out
+    return model, out, calls
+
+
+def test_w_input_samples_off_the_mg_share_are_fed_w1_and_trained_on_the_plain_target():
+    cfg = ObjectiveConfig(w_range=[1.5, 3.0], t_high=1.0, mg_fraction=0.5, label_drop=0.25)
+    obj = Objective(cfg, C, w_input=True)
+    b = 16
+    gen = torch.Generator().manual_seed(3)
+    x0, y = torch.randn(b, 2, generator=gen), torch.randint(0, C, (b,), generator=gen)
+    nz = obj.draw(b, (2,), gen, 1.0)
+    kinds = torch.where(nz.drop, 0, torch.where(nz.mg, 2, 1))  # 0 dropped, 1 off the MG share, 2 MG
+    assert set(kinds.tolist()) == {0, 1, 2}
+
+    def teacher(x, t, labels, w=None):  # cond (w = 1) = 2 (y + 1); uncond (empty, w = 0) = C + 1
+        return ((labels.float() + 1) * (1 + w))[:, None].expand_as(x)
+    model, out, calls = _output_leaf(b)
+    loss, stats = obj.loss(model, teacher, x0, y, nz, mg_on=True)
+    loss.backward()
+    y_fed, w_fed = calls[0]
+    assert torch.equal(w_fed, torch.where(kinds == 0, 0.0, torch.where(kinds == 1, 1.0, nz.w)))
+    assert torch.equal(y_fed, torch.where(kinds == 0, C, y))
+    plain = FlowPath.target(x0, nz.eps)
+    offset = ((nz.w - 1) * (2 * (y + 1) - (C + 1)))[:, None]
+    expected = torch.where((kinds == 2)[:, None], plain + offset, plain)
+    torch.testing.assert_close(-b * out.grad, expected, rtol=1e-6, atol=1e-6)
+    assert stats["mg_share"] == (kinds == 2).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- learned variance
+
+
+def _old_vlb_kl(s, x0, x_t, t, eps_pred, var_out):
+    """The KL term with the true posterior mean (from x0), written out for comparison (t > 0)."""
+    ab, a, ab_prev, beta = (v[t].double()[:, None] for v in (s.alphas_cumprod, s.alphas, s.alphas_cumprod_prev, s.betas))
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    frac = (var_out.double() + 1) / 2
+    model_log = frac * beta.log() + (1 - frac) * post_var.log()
+    mean_true = (beta * ab_prev.sqrt() * x0.double() + (1 - ab_prev) * a.sqrt() * x_t.double()) / (1 - ab)
+    mean_pred = (x_t.double() - beta / (1 - ab).sqrt() * eps_pred.double()) / a.sqrt()
+    kl = 0.5 * (-1 + model_log - post_var.log() + (post_var.log() - model_log).exp()
+                + (mean_true - mean_pred) ** 2 * (-model_log).exp())
+    return kl.mean(1) / math.log(2.0)
+
+
+def test_learned_variance_is_trained_to_the_posterior_variance_under_the_guided_target():
+    obj = Objective(ObjectiveConfig(formulation="diffusion"), C, learn_sigma=True)
+    s = obj.schedule
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    t = torch.tensor([1, 20, 200, 475, 700, 999])
+    x_t = s.add_noise(x0, eps, t)
+    guided = eps + 0.3 * torch.randn(6, 8, generator=gen)  # eps + g (cond - uncond)
+    var_new = (-torch.ones(6, 8)).requires_grad_()  # -1: the posterior log variance
+    new = obj._vlb(x_t, t, guided, guided, var_new)
+    new.sum().backward()
+    assert new.abs().max().item() < 1e-6 and var_new.grad.abs().max().item() == 0.0
+    var_old = (-torch.ones(6, 8)).requires_grad_()
+    _old_vlb_kl(s, x0, x_t, t, guided, var_old).sum().backward()
+    assert (var_old.grad < 0).all() and var_old.grad[0].sum() < -1e-2  # old: variance pulled up to absorb the offset
+    # Unguided (target = the true eps): the value is the old one, for any prediction and variance.
+    pred, var = eps + 0.2 * torch.randn(6, 8, generator=gen), torch.rand(6, 8, generator=gen) * 2 - 1
+    torch.testing.assert_close(obj._vlb(x_t, t, eps, pred, var).double(), _old_vlb_kl(s, x0, x_t, t, pred, var),
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_loss_of_a_learned_variance_model_predicting_the_guided_target_is_zero():
+    obj = Objective(ObjectiveConfig(formulation="diffusion", w=1.5, t_high=1.0, label_drop=0.25), C, learn_sigma=True)
+    x0, y, nz = _batch(obj)
+    nz.t = nz.t.clamp(min=1)  # t = 0 has the decoder NLL instead of a KL
+    x_t = obj.schedule.add_noise(x0, nz.eps, nz.t)
+
+    def teacher(x, t, labels, w=None):  # eps part: the label; variance part: anything
+        return torch.cat([labels.float()[:, None].expand_as(x), torch.ones_like(x)], dim=1)
+    guided = (nz.mg & ~nz.drop)[:, None]
+    expected = torch.where(guided, nz.eps + 0.5 * (y - C).float()[:, None], nz.eps)
+    assert guided.any()
+
+    def model(x, t, labels, w=None):
+        return torch.cat([expected, -torch.ones_like(x)], dim=1)
+    loss, _ = obj.loss(model, teacher, x0, y, nz, mg_on=True)
+    assert loss.item() < 1e-9
+    assert torch.equal(x_t, obj.schedule.add_noise(x0, nz.eps, nz.t))
+
+
+# ----------------------------------------------------------------------------- unconditional estimate
+
+
+def test_other_label_estimate_never_picks_the_own_label_and_is_uniform_over_the_others():
+    from mgbench.trainer.guidance import cond_and_uncond, draw_uncond_labels
+
+    def label_value(x, t, labels, w=None):
+        return labels.float()[:, None].expand_as(x)
+    n, k = 60_000, 4
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, k, (n,), generator=gen)
+    cond, uncond = cond_and_uncond(label_value, torch.zeros(n, 1), torch.zeros(n), y, num_classes=k,
+                                   empty_class=False, generator=gen, uncond_estimate="other_label")
+    other = uncond[:, 0].long()
+    assert torch.equal(cond[:, 0].long(), y) and torch.equal(uncond[:, 0], other.float())
+    assert not (other == y).any()
+    for own in range(k):
+        picked = other[y == own]
+        p, m = 1 / (k - 1), len(picked)
+        for c in set(range(k)) - {own}:
+            assert abs((picked == c).sum().item() - m * p) < 4 * math.sqrt(m * p * (1 - p))
+    sets = draw_uncond_labels(500, k, 2, torch.Generator().manual_seed(1), exclude=y[:500])
+    assert not (sets == y[:500, None]).any() and (sets[:, 0] != sets[:, 1]).all()
+
+
+def test_the_teacher_uses_one_other_label_with_uncond_estimate_other_label():
+    cfg = ObjectiveConfig(w=1.5, t_high=1.0, empty_class=False, label_drop=0.0, uncond_estimate="other_label")
+    obj = Objective(cfg, C)
+    x0, y, nz = _batch(obj)
+
+    def teacher(x, t, labels, w=None):
+        return labels.float()[:, None].expand_as(x)
+    model, out, _ = _output_leaf(B)
+    obj.loss(model, teacher, x0, y, nz, mg_on=True)[0].backward()
+    offset = (-B * out.grad - FlowPath.target(x0, nz.eps))[:, 0] / 0.5  # = y - other on the MG share
+    other = y - offset.round().long()
+    assert torch.allclose(offset, offset.round(), atol=1e-4) and nz.mg.all()
+    assert not (other == y).any() and ((other >= 0) & (other < C)).all()
+    assert len(set(zip(y.tolist(), other.tolist()))) == C * (C - 1)  # every (own, other) pair occurs
+
+
+# ----------------------------------------------------------------------------- EMA decay
+
+
+def test_ema_decay_at_and_its_logged_value(tmp_path):
+    from mgbench import tracking as T
+    from mgbench.trainer.loop import ema_decay_at, train, update_ema
+
+    assert ema_decay_at(0.9999, 0, True) == 0.1
+    assert ema_decay_at(0.9999, 1000, True) == 1001 / 1010 and round(1001 / 1010, 3) == 0.991
+    assert ema_decay_at(0.9999, 8990, True) == 8991 / 9000 and round(8991 / 9000, 6) == 0.999
+    assert ema_decay_at(0.9999, 10**6, True) == 0.9999 and ema_decay_at(0.9999, 0, False) == 0.9999
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        ema.weight.fill_(1.0), model.weight.fill_(0.0)
+    update_ema(ema, model, 0.9999, 1000, True)
+    assert ema.weight.item() == pytest.approx(1001 / 1010, rel=1e-6)
+    cfg = train_config_from_dict({"out_dir": str(tmp_path / "r"), "data": {"name": "grid2d"},
+                                  "model": {"arch": "MLP-S"}, "objective": {"w": 1.5},
+                                  "optim": {"batch_size": 16, "ema_decay": 0.99},
+                                  "train": {"steps": 10, "log_every": 5, "ckpt_every": 10},
+                                  "sample": {"steps": 2, "n_grid": 4}}, "t")
+    tr = T.MemoryTracker()
+    train(cfg, tr)
+    assert tr.metrics[T.M_EMA_DECAY] == [(5, 5 / 14), (10, 10 / 19)]  # steps 4 and 9 (0-based) were the last

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from mgbench.config import load_train_config
 from mgbench.trainer.guidance import cfg_combine, cond_and_uncond, draw_uncond_labels, net_time, split_sigma
 from mgbench.trainer.models import build_model
 from mgbench.trainer.paths import DDPMSchedule
@@ -129,6 +131,135 @@ def test_euler_maruyama_is_stochastic_and_ends_deterministic():
     assert torch.equal(sde.x, _gauss_sample("flow", "euler_maruyama", 30, n=64).x)  # same seeds, same samples
 
 
+# ----------------------------------------------------------------------------- DDIM and a Gaussian's std
+
+DIGITS_DIT = Path(__file__).resolve().parents[1] / "studies" / "base" / "digits-dit.yaml"
+S2 = 0.25                                                                 # x0 ~ N(0, 0.5^2) per coordinate
+
+
+def exact_eps_1d(x, t_net, y, w=None):
+    """E[eps | x_t] for x0 ~ N(0, 0.5^2) i.i.d.: sqrt(1 - abar) x_t / (abar * 0.25 + 1 - abar)."""
+    abar = DDPMSchedule(1000).alphas_cumprod[t_net.long()].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return (1 - abar).sqrt() * x / (abar * S2 + 1 - abar)
+
+
+def linear_gaussian_std(sampler: str, steps: int, spacing: str = "linear") -> float:
+    """The exact output std of DDPM (fixed-small) or DDIM for that data, by the variance recursion in float64."""
+    use = respaced_timesteps(1000, steps, spacing)
+    abar = DDPMSchedule(1000).alphas_cumprod[use].tolist()
+    var = 1.0
+    for i in reversed(range(len(use))):
+        a, ap = abar[i], (abar[i - 1] if i > 0 else 1.0)
+        x0_gain = math.sqrt(a) * S2 / (a * S2 + 1 - a)                     # E[x0 | x_t] = x0_gain * x_t
+        eps_gain = math.sqrt(1 - a) / (a * S2 + 1 - a)
+        if sampler == "ddim":
+            var *= (math.sqrt(ap) * x0_gain + math.sqrt(1 - ap) * eps_gain) ** 2
+        else:                                                                # posterior q(x_prev | x_t, x0 = E[x0 | x_t])
+            beta = 1 - a / ap
+            gain = (beta * math.sqrt(ap) * x0_gain + (1 - ap) * math.sqrt(1 - beta)) / (1 - a)
+            var = gain ** 2 * var + (beta * (1 - ap) / (1 - a) if i > 0 else 0.0)
+    return math.sqrt(var)
+
+
+def _std_1d(sampler: str, steps: int, learn_sigma: bool = False, spacing: str = "linear") -> float:
+    """Std of 80,000 points (200 samples of shape (400,)) drawn with the exact eps (SE about 0.25%)."""
+    model = exact_eps_1d
+    if learn_sigma:                                                          # a variance half the sampler may use or ignore
+        model = lambda x, t, y, w=None: torch.cat([exact_eps_1d(x, t, y), torch.zeros_like(x)], dim=1)
+    res = sample(model, formulation="diffusion", shape=(400,), labels=torch.zeros(200, dtype=torch.long),
+                 seeds=range(200), sampler=sampler, steps=steps, num_classes=1, learn_sigma=learn_sigma,
+                 spacing=spacing)
+    return res.x.double().std().item()
+
+
+def test_gaussian_std_digits_dit_sampler():
+    """The sampler of studies/base/digits-dit.yaml returns N(0, 0.5^2) data with std within 2% of 0.5.
+
+    Measured (80k points, exact eps; the recursion's value in brackets): ddpm fixed-small 50 steps 0.443
+    [0.4432], ddpm 250 0.485 [0.4858], ddim 50 0.473 [0.4719], ddim 100 [0.4858], ddim 250 0.496 [0.4943].
+    Fixed-large variance (beta) overshoots: 50 steps 0.5176, 100 0.5086 (recursion). No sampler tried passes
+    at 50 respaced steps: the deficit sits in the coarse low-noise steps (t = 20 -> 0, 41 -> 20, ...). Quadratic
+    spacing puts the steps there: ddim 100 quadratic [0.4916] passes at 2/5 of the cost of ddim 250 linear.
+    """
+    cfg = load_train_config(DIGITS_DIT)
+    assert cfg.objective.formulation == "diffusion" and cfg.objective.diffusion_steps == 1000
+    std = _std_1d(cfg.sample.sampler, cfg.sample.steps, cfg.model.learn_sigma, cfg.sample.spacing)
+    assert abs(std - 0.5) < 0.01, (cfg.sample.sampler, cfg.sample.steps, std)
+
+
+@pytest.mark.parametrize("sampler,steps,spacing", [("ddpm", 50, "linear"), ("ddpm", 250, "linear"),
+                                                    ("ddim", 50, "linear"), ("ddim", 250, "linear"),
+                                                    ("ddim", 100, "quadratic"), ("ddpm", 100, "quadratic")])
+def test_gaussian_std_matches_the_variance_recursion(sampler, steps, spacing):
+    """Monte Carlo std within 1% of the closed-form recursion; fixed-small DDPM at 50 steps is 11% short."""
+    std = _std_1d(sampler, steps, spacing=spacing)
+    assert abs(std / linear_gaussian_std(sampler, steps, spacing) - 1) < 0.01, std
+    if (sampler, steps) == ("ddpm", 50):
+        assert std < 0.45
+
+
+def test_ddim_follows_the_exact_ode_map_to_first_order():
+    """For Gaussian data DDIM approximates the probability-flow map x_T -> 0.5 x_T / std(x_T), error ~ 1/steps."""
+    errors = {}
+    for steps in (250, 500, 1000):
+        res = sample(exact_eps_1d, formulation="diffusion", shape=(50,), labels=torch.zeros(20, dtype=torch.long),
+                     seeds=range(20), sampler="ddim", steps=steps, num_classes=1, return_trajectory=True)
+        a_T = DDPMSchedule(1000).alphas_cumprod[999].item()
+        exact = 0.5 * res.trajectory[0].double() / math.sqrt(a_T * S2 + 1 - a_T)
+        errors[steps] = (res.x.double() - exact).abs().max().item()
+        assert len(res.trajectory) == steps + 1 and res.nfe == steps and res.steps == steps
+    assert errors[1000] < 0.01
+    assert 1.7 < errors[250] / errors[500] < 2.3 and 1.7 < errors[500] / errors[1000] < 2.3
+
+
+def test_ddim_is_deterministic_after_the_noise_and_ignores_learned_variance():
+    kw = dict(formulation="diffusion", shape=(2,), labels=torch.zeros(64, dtype=torch.long), seeds=range(64),
+              steps=20, num_classes=1, diffusion_steps=100)
+    oracle = GaussianOracle("diffusion", MU[None], SIGMA, T=100)
+    with_var = lambda v: (lambda x, t, y, w=None: torch.cat([oracle(x, t, y), torch.full_like(x, v)], dim=1))
+    ddim = sample(oracle, sampler="ddim", return_trajectory=True, **kw)
+    assert torch.equal(ddim.x, sample(oracle, sampler="ddim", **kw).x)                     # same seeds, same samples
+    for v in (-1.0, 1.0):                                                                 # the variance half is unused
+        assert torch.equal(ddim.x, sample(with_var(v), sampler="ddim", learn_sigma=True, **kw).x)
+    ddpm = sample(oracle, sampler="ddpm", return_trajectory=True, **kw)
+    assert torch.equal(ddim.trajectory[0], ddpm.trajectory[0])                            # same initial noise
+    assert (ddim.x - ddpm.x).abs().mean() > 0.05                                          # no step noise
+
+
+class MixedW:
+    """A deterministic w-input toy model whose output depends on x, t, the label and w."""
+
+    w_input = True
+
+    def __call__(self, x, t_net, y, w=None):
+        return 0.3 * x + 0.01 * t_net[:, None].sin() + 0.2 * y[:, None].float() - 0.1 * w[:, None]
+
+
+class ManualCFG:
+    """CFG written out by hand as a plain model: cond(y, w) + s * (cond(y, w) - uncond(empty, w = 0))."""
+
+    w_input = True
+
+    def __init__(self, model, s: float, empty: int) -> None:
+        self.model, self.s, self.empty = model, s, empty
+
+    def __call__(self, x, t_net, y, w=None):
+        cond = self.model(x, t_net, y, w=w)
+        uncond = self.model(x, t_net, torch.full_like(y, self.empty), w=torch.zeros_like(w))
+        return cond + self.s * (cond - uncond)
+
+
+@pytest.mark.parametrize("guidance,w", [("cfg", None), ("mg+cfg", 1.5)])
+def test_ddim_guidance_uses_the_same_predictor_as_ddpm(guidance, w):
+    """DDIM with cfg / mg+cfg equals unguided DDIM on a model that combines cond and uncond by hand."""
+    kw = dict(formulation="diffusion", shape=(3,), labels=torch.tensor([0, 1, 2, 1]), seeds=[3, 4, 5, 6],
+              sampler="ddim", steps=10, num_classes=3, diffusion_steps=100)
+    guided = sample(MixedW(), guidance=guidance, cfg_scale=0.7, w=w, **kw)
+    by_hand = sample(ManualCFG(MixedW(), 0.7, empty=3), guidance="mg", w=1.0 if w is None else w, **kw)
+    assert torch.allclose(guided.x, by_hand.x, atol=1e-5)
+    assert guided.nfe == 20 and by_hand.nfe == 10
+
+
 # ----------------------------------------------------------------------------- guidance
 
 
@@ -226,7 +357,8 @@ def test_cfg_combine_guides_the_eps_part_only():
 
 
 @pytest.mark.parametrize("formulation,sampler,guidance,empty", [
-    ("diffusion", "ddpm", "cfg", True), ("flow", "euler_maruyama", "none", True), ("flow", "heun", "cfg", False)])
+    ("diffusion", "ddpm", "cfg", True), ("diffusion", "ddim", "cfg", False), ("flow", "euler_maruyama", "none", True),
+    ("flow", "heun", "cfg", False)])
 def test_samples_do_not_depend_on_the_batch(formulation, sampler, guidance, empty):
     torch.manual_seed(0)
     model = build_model("DiT-XS/2", input_shape=(1, 4, 4), num_classes=4, empty_class=empty).eval()
@@ -286,6 +418,10 @@ def test_bad_arguments_fail_clearly():
     oracle = GaussianOracle("flow", MU[None], SIGMA)
     with pytest.raises(ValueError, match="does not fit"):
         sample(oracle, formulation="flow", sampler="ddpm", **kw)
+    with pytest.raises(ValueError, match="does not fit"):
+        sample(oracle, formulation="flow", sampler="ddim", **kw)
+    with pytest.raises(ValueError, match="does not fit"):
+        sample(GaussianOracle("diffusion", MU[None], SIGMA), formulation="diffusion", sampler="heun", **kw)
     with pytest.raises(ValueError, match="one seed per label"):
         sample(oracle, formulation="flow", **{**kw, "seeds": [0, 1]})
     with pytest.raises(ValueError, match="unknown guidance"):
@@ -293,15 +429,24 @@ def test_bad_arguments_fail_clearly():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("sampler,formulation", [("ddpm", "diffusion"), ("euler_maruyama", "flow")])
+@pytest.mark.parametrize("sampler,formulation", [("ddpm", "diffusion"), ("ddim", "diffusion"), ("euler_maruyama", "flow")])
 def test_samples_do_not_depend_on_the_device(sampler, formulation):
     torch.manual_seed(0)
-    model = build_model("DiT-XS/2", input_shape=(2, 8, 8), num_classes=4, learn_sigma=sampler == "ddpm").eval()
+    model = build_model("DiT-XS/2", input_shape=(2, 8, 8), num_classes=4, learn_sigma=formulation == "diffusion").eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     kw = dict(formulation=formulation, shape=(2, 8, 8), labels=torch.tensor([0, 1, 2, 3]), seeds=[5, 6, 7, 8],
               sampler=sampler, steps=8, guidance="cfg", cfg_scale=0.5, num_classes=4,
-              learn_sigma=sampler == "ddpm", diffusion_steps=1000)
+              learn_sigma=formulation == "diffusion", diffusion_steps=1000)
     cpu = sample(model, **kw).x
     gpu = sample(model.cuda(), **kw)
     assert gpu.x.is_cuda and torch.allclose(gpu.x.cpu(), cpu, atol=1e-3)
+
+
+def test_quadratic_spacing_keeps_both_ends_and_refines_low_noise():
+    use = respaced_timesteps(1000, 100, "quadratic")
+    assert use[0] == 0 and use[-1] == 999 and use == sorted(set(use)) and 95 <= len(use) <= 100
+    assert use[:3] == [0, 1, 2]                       # (i/99)^2 * 999 = 0.10, 0.41, 0.92, 1.63: the first repeats merge
+    assert use[-1] - use[-2] == 999 - round((98 / 99) ** 2 * 999)                   # last gap ~20 steps
+    with pytest.raises(ValueError, match="unknown spacing"):
+        respaced_timesteps(1000, 10, "cosine")

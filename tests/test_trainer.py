@@ -1,4 +1,4 @@
-"""The training loop: resume (bitwise), DDP equivalence, divergence, auto-w, the run folder."""
+"""The training loop: resume (bitwise), DDP equivalence, divergence, the run folder (auto-w: test_autow.py)."""
 import os
 import signal
 import socket
@@ -14,8 +14,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from mgbench import tracking as T
-from mgbench.config import AutoWConfig, ConfigError, train_config_from_dict
-from mgbench.trainer.autow import AutoW
+from mgbench.config import ConfigError, train_config_from_dict
 from mgbench.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mgbench.trainer.loop import TrainingDiverged, train
 
@@ -159,24 +158,15 @@ def test_trainer_logs_params_implied_scale_samples_and_config(tmp_path):
     assert (tmp_path / "p" / "config.yaml").read_text().startswith("name: tiny")
 
 
-def test_auto_w_rule_and_its_checkpointed_state(tmp_path):
-    aw = AutoW(AutoWConfig(enabled=True, step=0.5, decay=0.5, w_max=2.0))
-    assert aw.w == 1.0
-    assert aw.update(100, 10.0) == pytest.approx(1.25)   # first evaluation: raise
-    assert aw.update(200, 9.0) == pytest.approx(1.5)     # quality improved: keep raising
-    assert aw.update(300, 9.5) == pytest.approx(1.25)    # quality fell: reverse
-    assert aw.update(400, 9.4) == pytest.approx(1.125)   # improved: keep going down (target clipped at 1)
-    # Through the trainer: an evaluation hook drives w; the state survives a pause/resume.
-    calls = []
+def test_resume_reads_keys_an_older_run_folder_lacks():
+    """A saved config without keys added later resumes (defaults), unless the key changes that run's behaviour."""
+    from mgbench.config import train_config_from_dict
+    from mgbench.trainer.loop import check_same_run
 
-    def hook(ctx):
-        calls.append((ctx.step, ctx.w))
-        return {"fid": 10.0 - ctx.step / 100}
-
-    over = dict(objective__w=1.0, objective__auto_w={"enabled": True, "step": 0.2, "decay": 0.5},
-                train__eval_every=10, train__max_steps_per_run=20)
-    train(tiny(tmp_path / "aw", **over), eval_hook=hook)
-    r = train(tiny(tmp_path / "aw", **over), eval_hook=hook)
-    assert [s for s, _ in calls] == [10, 20, 30, 40]
-    assert [w for _, w in calls] == pytest.approx([1.0, 1.1, 1.2, 1.3])
-    assert r.w == pytest.approx(1.4)
+    cfg = train_config_from_dict({"objective": {"formulation": "diffusion", "t_map": "linear"}})
+    old = cfg.to_dict()
+    del old["objective"]["t_map"], old["objective"]["uncond_estimate"], old["eval"]["sample_seeds"]
+    check_same_run(cfg, old, Path("ckpt"))                 # the old run was linear: same run
+    cfg.objective.t_map = "snr"
+    with pytest.raises(ConfigError, match="objective.t_map is 'linear', not 'snr'"):
+        check_same_run(cfg, old, Path("ckpt"))

@@ -48,7 +48,7 @@ def run_model(rec: dict[str, Any]) -> tuple[str, float, bool]:
 
 
 def implied_scale(rec: dict[str, Any], w: float) -> float:
-    """The fixed-point CFG scale f*g/(1-f*g): the trainer's logged param, else computed from the params."""
+    """The fixed-point CFG scale (f*g/(1-f*g); w-input models g): the trainer's logged param, else computed."""
     logged = _num(rec.get(P_IMPLIED))
     if not math.isnan(logged) or w == 1.0:
         return 0.0 if w == 1.0 else logged

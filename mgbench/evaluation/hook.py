@@ -2,14 +2,22 @@
 
 Returned names have no `eval/` prefix (fid, sfid, is, kid, precision, recall, in_class, off_support,
 coverage, swd, center_dist, img_per_s, nfe); sweep entries are named by `tracking.metric_sweep`
-(`sweep/cfg_scale_0.50/fid`), which the trainer logs as they are. Every rank samples its share;
-rank 0 computes the metrics and broadcasts them, so all ranks return the same dict.
+(`sweep/cfg_scale_0.50/fid`), w-input sweeps by `tracking.metric_wsweep`, auto-w probes by
+`tracking.metric_probe`; the trainer logs those as they are. Every rank samples its share; rank 0
+computes the metrics and broadcasts them, so all ranks return the same dict.
+
+Evaluation noise is measured, not assumed: each evaluation draws `eval.sample_seeds` (K) disjoint
+sample sets (seed index k: sample i has seed `sample.seed + k * SEED_STRIDE + i`, the same in every
+run, so two runs' values at seed k are paired) and returns each metric's mean over the K sets, its
+standard error `<metric>_se` and the values `<metric>/seed_k` (names from `tracking`). K = 1 gives
+exactly the single evaluation of before.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -23,6 +31,10 @@ from mgbench.trainer.data import Grid2D
 from mgbench.trainer.hooks import EvalContext, EvalHook, sampling_kwargs
 
 
+SEED_STRIDE = 1_000_003   # sample-seed index k draws sample i with seed `sample.seed + k * SEED_STRIDE + i`
+SHARED = ("nfe", "extractor_acc", "img_per_s")  # the same at every sample seed: logged once, without SE
+
+
 def make_eval_hook(cfg: TrainConfig) -> EvalHook:
     """An evaluation hook for a trainer config; the extractor and reference are resolved once, on first use.
     A missing weights file is an error now, before any training step."""
@@ -31,40 +43,78 @@ def make_eval_hook(cfg: TrainConfig) -> EvalHook:
 
     def hook(ctx: EvalContext) -> dict[str, float]:
         out = evaluate(ctx, state)
+        if ctx.rank == 0:
+            out[T.M_SAMPLE_SEEDS.split("/", 1)[1]] = float(ctx.cfg.eval.sample_seeds)
         base = sampling_kwargs(ctx.cfg, ctx.w, ctx.dataset)["guidance"]
-        for scale in ctx.cfg.eval.cfg_sweep:
+        sweeps = not ctx.cfg.eval.sweep_final_only or ctx.step >= ctx.cfg.train.steps
+        for scale in ctx.cfg.eval.cfg_sweep if sweeps else ():
             guidance = "mg+cfg" if base in ("mg", "mg+cfg") else "cfg"
             swept = evaluate(ctx, state, timing=False, guidance=guidance, cfg_scale=float(scale))
             out.update({T.metric_sweep(scale, k): v for k, v in swept.items()})
+        if ctx.cfg.model.w_input:
+            for w in ctx.cfg.eval.w_sweep if sweeps else ():
+                swept = evaluate(ctx, state, timing=False, guidance="mg", w=float(w))
+                out.update({T.metric_wsweep(w, k): v for k, v in swept.items()})
+        for name, overrides in ctx.probes.items():
+            probed = evaluate(ctx, state, timing=False, **overrides)
+            out.update({T.metric_probe(name, k): v for k, v in probed.items()})
         return _broadcast(out, ctx)
 
     return hook
 
 
 def evaluate(ctx: EvalContext, state: dict[str, Any], *, timing: bool = True, **overrides: Any) -> dict[str, float]:
-    """One evaluation with the run's sampler (plus overrides); metrics on rank 0, {} elsewhere."""
+    """One evaluation at `eval.sample_seeds` sample seeds: each metric's mean, SE and per-seed values (rank 0)."""
+    ev = ctx.cfg.eval
+    per_seed = [evaluate_once(ctx, state, ctx.cfg.sample.seed + k * SEED_STRIDE, save=k == 0 and not overrides,
+                              **overrides) for k in range(ev.sample_seeds)]
+    if ctx.rank != 0:
+        return {}
+    out = summarise(per_seed)
+    if timing and "img_per_s" in ev.metrics:
+        data = ctx.dataset
+        speed = measure_throughput(lambda labels, seeds: ctx.sample(labels, seeds, **overrides),
+                                   batch_size=min(ev.batch_size, ev.n_samples),
+                                   num_classes=data.num_classes, device=ctx.device)
+        out["img_per_s"] = speed["img_per_s"]
+    return out
+
+
+def summarise(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Per-seed metric dicts -> mean, `_se` (K >= 2) and `/seed_k` values; SHARED entries once."""
+    out: dict[str, float] = {}
+    k = len(per_seed)
+    for name in per_seed[0]:
+        values = np.array([d[name] for d in per_seed], dtype=float)
+        out[name] = float(values.mean())
+        if name in SHARED or k < 2:
+            continue
+        out[T.metric_se(name)] = float(values.std(ddof=1) / np.sqrt(k))
+        out.update({T.metric_seed(name, i): float(v) for i, v in enumerate(values)})
+    return out
+
+
+def evaluate_once(ctx: EvalContext, state: dict[str, Any], seed: int, *, save: bool = False,
+                  **overrides: Any) -> dict[str, float]:
+    """One sample set drawn from `seed` with the run's sampler (plus overrides); metrics on rank 0, {} elsewhere."""
     ev, data = ctx.cfg.eval, ctx.dataset
 
     def sample_fn(labels: torch.Tensor, seeds: list[int]):
         return ctx.sample(labels, seeds, **overrides)
 
     points = data.kind == "points"
-    gen = generate(sample_fn, ev.n_samples, data.num_classes, seed=ctx.cfg.sample.seed, batch_size=ev.batch_size,
+    gen = generate(sample_fn, ev.n_samples, data.num_classes, seed=seed, batch_size=ev.batch_size,
                    rank=ctx.rank, world_size=ctx.world_size, postprocess=None if points else data.to_uint8)
     if ctx.rank != 0:
         return {}
     if points:
         grid = data.meta.get("grid") or Grid2D(ctx.cfg.data.grid_cells)
-        out = grid_metrics(gen.x, gen.y, grid, k=ev.coverage_k, seed=ctx.cfg.sample.seed + 1)
+        out = grid_metrics(gen.x, gen.y, grid, k=ev.coverage_k, seed=seed + 1)
     else:
         out = _image_metrics(ctx, state, gen.x)
-        if ev.save != "none" and not overrides:
+        if ev.save != "none" and save:
             save_images(gen.x, Path(ctx.out_dir) / "eval" / f"step_{ctx.step:08d}", gen.y, ev.save)
     out["nfe"] = float(gen.nfe)
-    if timing and "img_per_s" in ev.metrics:
-        speed = measure_throughput(sample_fn, batch_size=min(ev.batch_size, ev.n_samples),
-                                   num_classes=data.num_classes, device=ctx.device)
-        out["img_per_s"] = speed["img_per_s"]
     return out
 
 

@@ -1,9 +1,11 @@
 """Conditional and unconditional predictions in one forward: shared by the MG teacher and the samplers.
 
 Conventions:
-- The unconditional prediction uses the empty label (index `num_classes`) when the model has one;
-  with the empty class removed it is the mean of the predictions for N labels (law of total
-  probability, paper Eq. 23): all classes, or N distinct labels drawn per sample.
+- The unconditional prediction uses the empty label (index `num_classes`) when the model has one.
+  With the empty class removed it is estimated from labels (`uncond_estimate`): `uniform` is the
+  mean of the predictions for N labels, the sample's own label included (law of total probability,
+  paper Eq. 23): all classes, or N distinct labels drawn per sample; `other_label` is the prediction
+  for ONE random label other than the sample's own (the authors' code; used by the MG teacher only).
 - w-input models get w = 0 for the unconditional branch and `w_cond` for the conditional one.
 - With `learn_sigma` the outputs carry 2C channels; guidance acts on the eps part only
   (`split_sigma(out, True)[0]`), the variance part is taken from the conditional branch.
@@ -41,27 +43,45 @@ def num_uncond_labels(num_classes: int, uncond_labels: int = 0) -> int:
 
 
 def draw_uncond_labels(batch: int, num_classes: int, n: int, generator: torch.Generator | None = None,
-                       device: torch.device | str = "cpu") -> Tensor:
-    """(B, N) labels: all classes in order when N == num_classes, else N distinct random ones per sample."""
-    if n >= num_classes:
+                       device: torch.device | str = "cpu", exclude: Tensor | None = None) -> Tensor:
+    """(B, N) labels: all classes in order when N == num_classes, else N distinct random ones per sample.
+
+    With `exclude` (B,) the labels are N distinct random ones other than exclude[i] (N <= num_classes - 1).
+    """
+    if exclude is None and n >= num_classes:
         return torch.arange(num_classes, device=device).expand(batch, num_classes)
     gen_device = generator.device if generator is not None else "cpu"
     scores = torch.rand(batch, num_classes, generator=generator, device=gen_device)
+    if exclude is not None:  # the excluded label sorts last, so it is never among the first N <= C - 1
+        n = min(n, num_classes - 1)
+        scores.scatter_(1, exclude.to(gen_device).long().unsqueeze(1), 2.0)
     return scores.argsort(dim=1)[:, :n].to(device)
+
+
+def uncond_label_sets_for(y: Tensor, num_classes: int, uncond_estimate: str = "uniform", uncond_labels: int = 0,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) labels whose predictions estimate the unconditional one without an empty class."""
+    if uncond_estimate == "uniform":
+        n = num_uncond_labels(num_classes, uncond_labels)
+        return draw_uncond_labels(len(y), num_classes, n, generator, y.device)
+    if uncond_estimate == "other_label":
+        if num_classes < 2:
+            raise ValueError("uncond_estimate 'other_label' needs at least 2 classes")
+        return draw_uncond_labels(len(y), num_classes, 1, generator, y.device, exclude=y)
+    raise ValueError(f"unknown uncond_estimate {uncond_estimate!r} (uniform | other_label)")
 
 
 def cond_and_uncond(model: Model, x: Tensor, t_net: Tensor, y: Tensor, *, num_classes: int,
                     empty_class: bool = True, uncond_labels: int = 0, w_cond: Tensor | None = None,
                     generator: torch.Generator | None = None,
-                    uncond_label_sets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    uncond_label_sets: Tensor | None = None, uncond_estimate: str = "uniform") -> tuple[Tensor, Tensor]:
     """Conditional and unconditional predictions from one batched forward."""
     b = x.shape[0]
     if empty_class:
         extra = torch.full_like(y, num_classes).unsqueeze(0)                       # (1, B)
     else:
         if uncond_label_sets is None:  # (B, N), per-sample label sets may be given by the caller
-            n = num_uncond_labels(num_classes, uncond_labels)
-            uncond_label_sets = draw_uncond_labels(b, num_classes, n, generator, y.device)
+            uncond_label_sets = uncond_label_sets_for(y, num_classes, uncond_estimate, uncond_labels, generator)
         extra = uncond_label_sets.to(y.device).T                                   # (N, B)
     n = extra.shape[0]
     labels = torch.cat([y, extra.reshape(-1)])

@@ -2,11 +2,12 @@
 
 An evaluation hook is any callable `hook(ctx: EvalContext) -> dict[str, float]` (metric name ->
 value, names without the `eval/` prefix). The trainer calls it every `train.eval_every` steps and
-at the end, logs the values as `eval/<name>` and feeds `auto_w.metric` to automatic w.
+at the end, logs the values as `eval/<name>` and hands them to automatic w, whose probes
+(`ctx.probes`: the same checkpoint sampled with other guidance) come back as `probe/<name>/<metric>`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,6 +27,7 @@ class EvalContext:
     out_dir: str                    # the run's folder (for files the hook wants to keep)
     rank: int = 0
     world_size: int = 1
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # auto-w: name -> sampling overrides to measure too
 
     def sample(self, labels: torch.Tensor, seeds: Sequence[int], **overrides: Any):
         """Sample with the run's sampling settings (overridable: guidance, cfg_scale, steps, ...).
@@ -56,4 +58,4 @@ def sampling_kwargs(cfg: TrainConfig, w: float, dataset: Dataset) -> dict[str, A
         w_in = s.w if s.w is not None else (w if guidance in ("mg", "mg+cfg") else 1.0)
     return dict(formulation=o.formulation, shape=dataset.shape, num_classes=dataset.num_classes, sampler=sampler, steps=s.steps, guidance=guidance,
                 cfg_scale=s.cfg_scale, w=w_in, empty_class=o.empty_class, uncond_labels=o.uncond_labels,
-                learn_sigma=cfg.model.learn_sigma, diffusion_steps=o.diffusion_steps)
+                learn_sigma=cfg.model.learn_sigma, diffusion_steps=o.diffusion_steps, spacing=s.spacing)

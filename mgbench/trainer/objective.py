@@ -8,6 +8,13 @@ MG (Model-guidance) replaces the plain target of a labelled sample by
 queried without gradient in ONE batched forward on [cond; uncond]. Dropped samples (ratio lambda)
 keep the plain target. With a share f of the labelled samples on the MG target, the fixed point of
 training is CFG with scale s = f*g / (1 - f*g) (`implied_cfg_scale`).
+
+A w-input model is fed, per sample, the w its target belongs to: its sampled w on the MG share,
+w = 1 on the labelled samples off it (plain target), w = 0 on dropped ones. Its teacher terms come
+from those plain w = 1 / w = 0 branches, so fed w it learns CFG with s = w - 1 whatever f is.
+
+With a learned variance (DiT) the variational bound's "true" posterior mean is the one implied by
+the (guided) target, so the variance is not trained to absorb the guidance offset.
 """
 from __future__ import annotations
 
@@ -35,12 +42,13 @@ def mg_target(target: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, g:
 def implied_cfg_scale(g: float, fraction: float = 1.0, w_input: bool = False) -> float:
     """The CFG scale s (pred = cond + s (cond - uncond)) an MG model trains towards; inf without a fixed point.
 
-    A w-input model takes its teacher terms from the w = 1 / w = 0 branches, which are trained on
-    the plain target, so there is no feedback: s = f * g.
+    A w-input model fed w = 1 + g is trained on target + g (cond - uncond) with cond / uncond from its
+    plain w = 1 / w = 0 branches (the rest of the batch trains those), so there is no feedback and
+    s = g whatever the fraction f (which only sets how many samples train the guided w).
     """
-    fg = fraction * g
     if w_input:
-        return fg
+        return g
+    fg = fraction * g
     return math.inf if fg >= 1 else fg / (1 - fg)
 
 
@@ -52,7 +60,7 @@ class BatchNoise:
     eps: torch.Tensor      # (B, *shape)
     drop: torch.Tensor     # (B,) bool: label dropped to the empty class
     mg: torch.Tensor       # (B,) bool: eligible for the MG target (before t_high / start_step)
-    w: torch.Tensor        # (B,) the paper's w per sample
+    w: torch.Tensor        # (B,) the paper's w per sample, as drawn (`Objective.fed_w` pins it off the MG share)
     uncond_gen_seed: int   # seeds the labels drawn for the mean over N labels (empty class removed)
 
     def shard(self, rank: int, world: int) -> "BatchNoise":
@@ -70,7 +78,7 @@ class Objective:
         self.num_classes = num_classes
         self.w_input = w_input
         self.learn_sigma = learn_sigma
-        self.schedule = DDPMSchedule(cfg.diffusion_steps) if cfg.formulation == "diffusion" else None
+        self.schedule = DDPMSchedule(cfg.diffusion_steps, cfg.t_map) if cfg.formulation == "diffusion" else None
 
     # -- randomness
 
@@ -93,7 +101,14 @@ class Objective:
         return BatchNoise(t, eps, drop, mg, w, seed)
 
     def flow_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Flow time of the batch's t (DDPM steps mapped by `t_map`), where `t_high` applies."""
         return self.schedule.flow_time(t) if self.schedule is not None else t
+
+    @staticmethod
+    def fed_w(nz: BatchNoise) -> torch.Tensor:
+        """The w a w-input model is fed: 0 where dropped, 1 off the MG share (plain target), else the drawn w."""
+        pinned = torch.where(nz.mg, nz.w, torch.ones_like(nz.w))
+        return torch.where(nz.drop, torch.zeros_like(nz.w), pinned)
 
     # -- loss
 
@@ -108,9 +123,7 @@ class Objective:
             x_t, target = FlowPath.add_noise(x0, eps, t), FlowPath.target(x0, eps)
         y_in = drop_labels(y, nz.drop.to(dev), self.num_classes) if c.empty_class else y
         t_net = net_time(c.formulation, t, c.diffusion_steps)
-        w_in = None
-        if self.w_input:  # dropped samples are the unconditional branch: fed w = 0
-            w_in = torch.where(nz.drop, torch.zeros_like(nz.w), nz.w).to(dev, x0.dtype)
+        w_in = self.fed_w(nz).to(dev, x0.dtype) if self.w_input else None
 
         guided = torch.zeros(len(y), dtype=torch.bool, device=dev)
         if mg_on:
@@ -126,7 +139,7 @@ class Objective:
             out, var_out = out.chunk(2, dim=1)
         loss = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
         if self.learn_sigma:
-            loss = loss + self._vlb(x0, x_t, t, out.detach(), var_out)
+            loss = loss + self._vlb(x_t, t, target, out.detach(), var_out)
         return loss.mean(), {"mg_share": guided.float().mean().item()}
 
     @torch.no_grad()
@@ -137,26 +150,31 @@ class Objective:
         w_cond = torch.ones_like(w).to(x_t.dtype) if self.w_input else None
         cond, uncond = cond_and_uncond(teacher, x_t, t_net, y, num_classes=self.num_classes,
                                        empty_class=c.empty_class, uncond_labels=c.uncond_labels,
-                                       w_cond=w_cond, generator=gen)
+                                       w_cond=w_cond, generator=gen, uncond_estimate=c.uncond_estimate)
         if self.learn_sigma:
             cond, uncond = cond[:, : target.shape[1]], uncond[:, : target.shape[1]]
         return mg_target(target, cond.to(target.dtype), uncond.to(target.dtype), w - 1)
 
-    def _vlb(self, x0, x_t, t, eps_pred, var_out) -> torch.Tensor:
-        """The variational-bound term of learned-variance DDPM (mean frozen, as in improved DDPM), in bits/dim."""
+    def _vlb(self, x_t, t, eps_target, eps_pred, var_out) -> torch.Tensor:
+        """The variational-bound term of learned-variance DDPM (mean frozen, as in improved DDPM), in bits/dim.
+
+        The "true" posterior mean is taken at the x0 implied by the (guided) eps target, so only the
+        part of the mean error the MG target does not ask for reaches the variance.
+        """
         s = self.schedule
-        x0d, xtd = x0.double(), x_t.double()
-        ab = s.at(s.alphas_cumprod, t, x0)
-        min_log = s.at(s.posterior_log_var, t, x0)
-        max_log = s.at(torch.log(s.betas), t, x0)
+        xtd = x_t.double()
+        ab = s.at(s.alphas_cumprod, t, x_t)
+        min_log = s.at(s.posterior_log_var, t, x_t)
+        max_log = s.at(torch.log(s.betas), t, x_t)
         frac = (var_out.double() + 1) / 2
         model_log = frac * max_log + (1 - frac) * min_log
+        x0_target = (xtd - (1 - ab).sqrt() * eps_target.double()) / ab.sqrt()
         x0_pred = (xtd - (1 - ab).sqrt() * eps_pred.double()) / ab.sqrt()
-        c0, ct = s.at(s.posterior_coef_x0, t, x0), s.at(s.posterior_coef_xt, t, x0)
-        mean_true, mean_pred = c0 * x0d + ct * xtd, c0 * x0_pred + ct * xtd
+        c0, ct = s.at(s.posterior_coef_x0, t, x_t), s.at(s.posterior_coef_xt, t, x_t)
+        mean_true, mean_pred = c0 * x0_target + ct * xtd, c0 * x0_pred + ct * xtd
         kl = 0.5 * (-1 + model_log - min_log + torch.exp(min_log - model_log)
                     + (mean_true - mean_pred) ** 2 * torch.exp(-model_log))
         # At t = 0 the bound is the decoder NLL; a Gaussian NLL of x0 stands in for the discretised one.
-        nll = 0.5 * (math.log(2 * math.pi) + model_log + (x0d - mean_pred) ** 2 * torch.exp(-model_log))
-        bits = torch.where(_bcast(t == 0, x0), nll, kl).flatten(1).mean(1) / math.log(2.0)
+        nll = 0.5 * (math.log(2 * math.pi) + model_log + (x0_target - mean_pred) ** 2 * torch.exp(-model_log))
+        bits = torch.where(_bcast(t == 0, x_t), nll, kl).flatten(1).mean(1) / math.log(2.0)
         return bits.float()

@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral (full or respaced), flow Euler / Heun ODE and Euler-Maruyama SDE.
+"""Samplers: DDPM ancestral and DDIM (full or respaced), flow Euler / Heun ODE and Euler-Maruyama SDE.
 
 Conventions (see paths.py for the two formulations):
 - `shape` is the shape of ONE sample ((2,) points, (C, H, W) images); the batch is `len(labels)`.
@@ -25,9 +25,10 @@ from mgbench.trainer.guidance import (cfg_combine, cond_and_uncond, net_time, nu
                                       split_sigma)
 from mgbench.trainer.paths import DDPMSchedule
 
-__all__ = ["SampleResult", "sample", "net_time", "respaced_timesteps", "SAMPLERS", "GUIDANCE"]
+__all__ = ["SampleResult", "sample", "net_time", "respaced_timesteps", "SAMPLERS", "DIFFUSION_SAMPLERS", "GUIDANCE"]
 
-SAMPLERS = ("auto", "ddpm", "euler", "heun", "euler_maruyama")
+SAMPLERS = ("auto", "ddpm", "ddim", "euler", "heun", "euler_maruyama")
+DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 GUIDANCE = ("none", "cfg", "mg", "mg+cfg")
 
 Predictor = Callable[[Tensor, Tensor], Tensor]  # (x, t_net) -> guided prediction (2C channels with learn_sigma)
@@ -46,7 +47,7 @@ class SampleResult:
 def sample(model, *, formulation: str, shape: tuple[int, ...], labels: Tensor, seeds: Sequence[int],
            sampler: str = "auto", steps: int = 50, guidance: str = "none", cfg_scale: float = 0.0,
            w: float | None = None, num_classes: int, empty_class: bool = True, uncond_labels: int = 0,
-           learn_sigma: bool = False, diffusion_steps: int = 1000, device=None,
+           learn_sigma: bool = False, diffusion_steps: int = 1000, spacing: str = "linear", device=None,
            return_trajectory: bool = False) -> SampleResult:
     """Draw one sample per label with per-sample seeds; `model(x, t_net, y, w=None)` may be any callable."""
     sampler = _resolve_sampler(sampler, formulation)
@@ -65,11 +66,13 @@ def sample(model, *, formulation: str, shape: tuple[int, ...], labels: Tensor, s
     traj = [x.cpu()] if return_trajectory else None
     with torch.no_grad():
         if sampler == "ddpm":
-            x = _ddpm(predict, x, gens, steps, diffusion_steps, learn_sigma, traj)
+            x = _ddpm(predict, x, gens, steps, diffusion_steps, learn_sigma, traj, spacing)
+        elif sampler == "ddim":
+            x = _ddim(predict, x, steps, diffusion_steps, learn_sigma, traj, spacing)
         else:
             step = {"euler": _euler_step, "heun": _heun_step, "euler_maruyama": _em_step}[sampler]
             x = _flow(step, predict, x, gens, steps, learn_sigma, traj)
-    n_steps = min(steps, diffusion_steps) if sampler == "ddpm" else steps
+    n_steps = min(steps, diffusion_steps) if sampler in DIFFUSION_SAMPLERS else steps
     return SampleResult(x=x, nfe=nfe[0], steps=n_steps, trajectory=traj)
 
 
@@ -81,9 +84,9 @@ def _resolve_sampler(sampler: str, formulation: str) -> str:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if sampler == "auto":
         return "ddpm" if formulation == "diffusion" else "euler"
-    if (sampler == "ddpm") != (formulation == "diffusion"):
+    if (sampler in DIFFUSION_SAMPLERS) != (formulation == "diffusion"):
         raise ValueError(f"sampler {sampler!r} does not fit formulation {formulation!r} "
-                         "(ddpm for diffusion; euler, heun, euler_maruyama for flow)")
+                         "(ddpm, ddim for diffusion; euler, heun, euler_maruyama for flow)")
     return sampler
 
 
@@ -139,19 +142,27 @@ def _predictor(model, labels: Tensor, gens: Sequence[torch.Generator], nfe: list
 # ----------------------------------------------------------------------------- DDPM
 
 
-def respaced_timesteps(T: int, steps: int) -> list[int]:
-    """`steps` evenly spaced steps of 0..T-1, both ends included (improved DDPM's space_timesteps)."""
+SPACINGS = ("linear", "quadratic")
+
+
+def respaced_timesteps(T: int, steps: int, spacing: str = "linear") -> list[int]:
+    """`steps` steps of 0..T-1, both ends included: evenly spaced (improved DDPM's space_timesteps), or
+    quadratic (step ~ (i / (steps-1))^2 T, DDIM's finer low-noise steps; repeats merged, so a few fewer)."""
     if steps >= T:
         return list(range(T))
     if steps < 2:
         raise ValueError(f"DDPM respacing needs at least 2 steps, got {steps}")
+    if spacing == "quadratic":
+        return sorted({round((i / (steps - 1)) ** 2 * (T - 1)) for i in range(steps)})
+    if spacing != "linear":
+        raise ValueError(f"unknown spacing {spacing!r} (choose from {', '.join(SPACINGS)})")
     stride = (T - 1) / (steps - 1)
     return [round(i * stride) for i in range(steps)]
 
 
-def _ddpm_tables(T: int, steps: int) -> dict[str, list[float]]:
+def _ddpm_tables(T: int, steps: int, spacing: str = "linear") -> dict[str, list[float]]:
     """Respaced betas and posterior coefficients (recomputed from alphas_cumprod, float64)."""
-    use = respaced_timesteps(T, steps)
+    use = respaced_timesteps(T, steps, spacing)
     abar = DDPMSchedule(T).alphas_cumprod[use]
     abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     betas = 1 - abar / abar_prev
@@ -164,9 +175,9 @@ def _ddpm_tables(T: int, steps: int) -> dict[str, list[float]]:
 
 
 def _ddpm(predict: Predictor, x: Tensor, gens, steps: int, T: int, learn_sigma: bool,
-          traj: list[Tensor] | None) -> Tensor:
+          traj: list[Tensor] | None, spacing: str = "linear") -> Tensor:
     """Ancestral DDPM: x_{t-1} ~ N(posterior mean from the eps prediction, fixed-small or learned variance)."""
-    tab = _ddpm_tables(T, steps)
+    tab = _ddpm_tables(T, steps, spacing)
     for i in reversed(range(len(tab["t"]))):
         out = predict(x, torch.full((x.shape[0],), tab["t"][i], device=x.device))
         eps, var = split_sigma(out, learn_sigma)
@@ -182,6 +193,24 @@ def _ddpm(predict: Predictor, x: Tensor, gens, steps: int, T: int, learn_sigma: 
                 frac = (var + 1) / 2
                 logvar = frac * tab["log_beta"][i] + (1 - frac) * tab["post_logvar"][i]
             x = mean + torch.exp(0.5 * logvar) * _noise(gens, tuple(x.shape[1:]), x.device)
+        if traj is not None:
+            traj.append(x.cpu())
+    return x
+
+
+def _ddim(predict: Predictor, x: Tensor, steps: int, T: int, learn_sigma: bool,
+          traj: list[Tensor] | None, spacing: str = "linear") -> Tensor:
+    """Deterministic DDIM (eta = 0) on the respaced steps: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps.
+
+    A learned variance (the second half of 2C channels) is ignored; the last step (abar_prev = 1) returns x0.
+    """
+    use = respaced_timesteps(T, steps, spacing)
+    abar = DDPMSchedule(T).alphas_cumprod[use].tolist()
+    for i in reversed(range(len(use))):
+        eps = split_sigma(predict(x, torch.full((x.shape[0],), float(use[i]), device=x.device)), learn_sigma)[0]
+        a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
         if traj is not None:
             traj.append(x.cpu())
     return x
