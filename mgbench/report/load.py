@@ -85,10 +85,12 @@ def run_variant(w: Any, w_range: Any, auto_w: Any) -> str:
 
 
 def _status(tag: Any, mlflow_status: Any) -> str:
+    """The mgbench status tag first (a pruned trial's run ends KILLED: tracking.STATUS_TO_MLFLOW); a run still
+    tagged running that MLflow ended FAILED or KILLED, or one without the tag, takes MLflow's status."""
+    if isinstance(tag, str) and tag and not (tag == "running" and mlflow_status in _FAILED_MLFLOW):
+        return tag
     if mlflow_status in _FAILED_MLFLOW:
         return "failed"
-    if isinstance(tag, str) and tag:
-        return tag
     return str(mlflow_status or "unknown").lower()
 
 

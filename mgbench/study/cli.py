@@ -28,6 +28,8 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--dry-run", action="store_true",
                            help="print the resolved trials (and the sbatch script for SLURM); submit nothing")
+            s.add_argument("--no-reuse", action="store_true",
+                           help="train every trial, even one another study of the storage already trained (reuse: false)")
     p.set_defaults(func=run_study_cli)
     return p
 
@@ -41,6 +43,8 @@ def run_study_cli(args: argparse.Namespace) -> int:
         overrides["out_dir"] = args.out_dir
     if getattr(args, "parallelism", None) is not None:  # --parallelism 0 is an error, not "unset"
         overrides["parallelism"] = args.parallelism
+    if getattr(args, "no_reuse", False):
+        overrides["reuse"] = False
     try:
         if args.profile:
             overrides["executor"] = _with_profile(args.spec, args.profile)
@@ -85,7 +89,8 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
     run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
     s = run_study(spec, wait=not args.detach)
     best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
-    print(f"study {spec.name}: {s.n_complete} complete, {s.n_pruned} pruned, {s.n_failed} failed, "
+    reused = f" ({s.n_reused} reused)" if s.n_reused else ""
+    print(f"study {spec.name}: {s.n_complete} complete{reused}, {s.n_pruned} pruned, {s.n_failed} failed, "
           f"{s.n_running} running{best}")
     if spec.report and s.n_running == 0 and s.n_complete > 0:
         from mgbench.report.cli import render

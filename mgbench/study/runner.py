@@ -31,6 +31,8 @@ from mgbench.config import ConfigError
 from mgbench.study import runs
 from mgbench.study.executors import _pid_alive, check_executor, job_alive, job_ref, make_executor
 from mgbench.study.optuna_io import ask, open_study
+from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_RUN_ID, UA_STEP, UA_TRACKING_URI,
+                                 config_hash, copy_run, find_source, tell_reused)
 from mgbench.study.spec import StudySpec, validate_trial
 from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, TrialJob, read_json, trial_dir, write_json
 
@@ -51,6 +53,7 @@ class InFlight:
 @dataclass
 class StudySummary:
     n_complete: int = 0
+    n_reused: int = 0              # of n_complete: copied from an equal trial of another study (not trained)
     n_pruned: int = 0
     n_failed: int = 0
     n_running: int = 0
@@ -115,7 +118,8 @@ class Driver:
                 self.echo(f"trial {trial.number}: invalid config, not run: {e}")
                 self.study.tell(trial.number, state=TrialState.FAIL)
                 continue
-            new.append(trial.number)
+            if not self.reuse(trial.number):
+                new.append(trial.number)
         if new:
             self.submit(new)
 
@@ -138,13 +142,40 @@ class Driver:
     def prepare(self, number: int, trial_id: int, params: dict[str, Any]) -> dict[str, Any]:
         """Validate the trial's config, open its MLflow run and write `trial.json` (before any training)."""
         cfg = validate_trial(self.spec, params, number)
-        run_id = runs.trial_run(self.mlflow, self.exp_id, self.parent_id, self.spec, number, params, cfg)
+        digest = config_hash(cfg.to_dict(), self.spec.entry, self.spec.eval_hook)
+        run_id = runs.trial_run(self.mlflow, self.exp_id, self.parent_id, self.spec, number, params, cfg, digest)
         rec = {"study": self.spec.name, "number": number, "trial_id": trial_id, "run_id": run_id,
                "parent_run_id": self.parent_id, "tracking_uri": self.spec.tracking_uri, "storage": self.spec.storage,
-               "out_dir": cfg.out_dir, "params": params, "config": cfg.to_dict(), "jobs": [], "deaths": 0,
-               "created_at": time.time()}
+               "out_dir": cfg.out_dir, "params": params, "config": cfg.to_dict(), "config_hash": digest, "jobs": [],
+               "deaths": 0, "created_at": time.time()}
         write_json(trial_dir(self.spec, number) / TRIAL_FILE, rec)
+        storage = self.study._storage  # the cache finds the trial, its run and its store by these
+        for key, value in ((UA_CONFIG_HASH, digest), (UA_RUN_ID, run_id), (UA_TRACKING_URI, self.spec.tracking_uri)):
+            storage.set_trial_user_attr(trial_id, key, value)
         return rec
+
+    def reuse(self, number: int) -> bool:
+        """Finish a prepared trial by copying an equal COMPLETE trial of another study (spec.reuse); False: train it."""
+        if not self.spec.reuse:
+            return False
+        folder = trial_dir(self.spec, number)
+        rec = read_json(folder / TRIAL_FILE) or {}
+        digest = rec.get("config_hash")
+        src = find_source(self.study._storage, self.spec.name, digest, self.spec.objective.metric) if digest else None
+        if src is None:
+            return False
+        try:
+            copy_run(self.mlflow, rec["run_id"], src, self.spec.tracking_uri)
+        except Exception as e:  # noqa: BLE001 - a source run that cannot be read is trained instead
+            self.echo(f"[{self.spec.name}] trial {number}: cannot copy {src.label} ({e}); training it")
+            return False
+        tell_reused(self.study, rec["trial_id"], number, src)
+        runs.set_status(self.mlflow, rec["run_id"], "finished")
+        write_json(folder / RESULT_FILE, {"status": "finished", "value": src.value, "step": src.user_attrs.get(UA_STEP),
+                                          "metrics": src.user_attrs.get(UA_METRICS), "error": None,
+                                          "reused_from": src.label, "finished_at": time.time()})
+        self._event("reused", number, say=f"reused {src.study} #{src.number}", source=src.label, value=src.value)
+        return True
 
     def submit(self, numbers: list[int]) -> None:
         """Submit trials (SLURM: several at once go out as one job array)."""
@@ -182,7 +213,8 @@ class Driver:
                 rec = self.prepare(t.number, t._trial_id, params)
             jobs = rec.get("jobs") or []
             if not jobs:
-                self.submit([t.number])
+                if not self.reuse(t.number):
+                    self.submit([t.number])
                 continue
             self.inflight[t.number] = InFlight(t.number, None, jobs[-1])
             self._event("attach", t.number, job_id=jobs[-1]["job_id"])
@@ -196,6 +228,7 @@ class Driver:
             self.submit([number])
             return
         if status == "finished":
+            self._record_metrics(number, result)
             self.study.tell(number, result["value"], skip_if_finished=True)
         elif status == "pruned":
             self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
@@ -204,6 +237,15 @@ class Driver:
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         self.inflight.pop(number)
         self._event("end", number, status=status, value=result.get("value"))
+
+    def _record_metrics(self, number: int, result: dict[str, Any]) -> None:
+        """Keep a finished trial's final metrics and step in Optuna (where other studies' caches look)."""
+        rec = read_json(trial_dir(self.spec, number) / TRIAL_FILE) or {}
+        storage = self.study._storage
+        if "trial_id" not in rec or storage.get_trial(rec["trial_id"]).state.is_finished():
+            return  # another driver told it first
+        storage.set_trial_user_attr(rec["trial_id"], UA_METRICS, result.get("metrics") or {})
+        storage.set_trial_user_attr(rec["trial_id"], UA_STEP, result.get("step"))
 
     def _died(self, number: int) -> None:
         path = trial_dir(self.spec, number) / TRIAL_FILE
@@ -293,11 +335,13 @@ class Driver:
     def _n_asked(self) -> int:
         return len(self.study.get_trials(deepcopy=False))
 
-    def _event(self, kind: str, number: int, **data: Any) -> None:
+    def _event(self, kind: str, number: int, say: str | None = None, **data: Any) -> None:
+        """Append to the events file and echo (`say`: the echoed text instead of the event and its data)."""
         line = {"t": time.time(), "event": kind, "trial": number, "driver": self.me["pid"], **data}
         with open(Path(self.spec.out_dir) / EVENTS_FILE, "a") as f:
             f.write(json.dumps(line, default=str) + "\n")
-        self.echo(f"[{self.spec.name}] trial {number}: {kind} " + " ".join(f"{k}={v}" for k, v in data.items()))
+        say = say or f"{kind} " + " ".join(f"{k}={v}" for k, v in data.items())
+        self.echo(f"[{self.spec.name}] trial {number}: {say}")
 
     def summary(self) -> StudySummary:
         """Counts by state and the best trial so far."""
@@ -317,6 +361,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     s = StudySummary()
     s.n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    s.n_reused = sum(t.state == TrialState.COMPLETE and UA_REUSED_FROM in t.user_attrs for t in trials)
     s.n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
     s.n_failed = sum(t.state == TrialState.FAIL for t in trials)
     s.n_running = sum(t.state == TrialState.RUNNING for t in trials)

@@ -9,8 +9,8 @@ import yaml
 
 from mgbench.config import TrainConfig
 from mgbench.study.spec import StudySpec
-from mgbench.tracking import (A_CONFIG, TAG_OUT_DIR, TAG_ROLE, TAG_SCALE, TAG_STATUS, TAG_STUDY, TAG_TRIAL, flatten,
-                              trial_run_name)
+from mgbench.tracking import (A_CONFIG, STATUS_TO_MLFLOW, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_ROLE, TAG_SCALE,
+                              TAG_STATUS, TAG_STUDY, TAG_TRIAL, flatten, trial_run_name)
 
 MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow nests runs in the UI by this tag
 A_SPEC = "study/spec.yaml"          # artifact path of the study spec (as read, overrides applied)
@@ -58,12 +58,14 @@ def parent_run(c: Any, exp_id: str, spec: StudySpec) -> str:
 
 
 def trial_run(c: Any, exp_id: str, parent_id: str, spec: StudySpec, number: int, params: dict[str, Any],
-              cfg: TrainConfig) -> str:
+              cfg: TrainConfig, config_hash: str | None = None) -> str:
     """Create the nested run of one trial: tags, searched params (as the trainer parses them), artifacts."""
     flat = flatten(cfg.to_dict())
     searched = {k: flat[k] for k in spec.settings(params)}
     tags = {MLFLOW_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
             TAG_STATUS: "running", TAG_SCALE: scale_label(cfg), TAG_OUT_DIR: cfg.out_dir}
+    if config_hash:
+        tags[TAG_CONFIG_HASH] = config_hash
     run = c.create_run(exp_id, run_name=trial_run_name(searched), tags=tags)
     run_id = run.info.run_id
     c.log_batch(run_id, params=_params(searched))
@@ -84,8 +86,8 @@ def set_status(c: Any, run_id: str, status: str, error: str | None = None) -> No
         from mgbench.study.trial import record_error
 
         record_error(c, run_id, error)
-    end = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}.get(status)
-    if end:
+    end = STATUS_TO_MLFLOW.get(status)
+    if end and end != "RUNNING":
         c.set_terminated(run_id, end)
 
 

@@ -95,6 +95,7 @@ class StudySpec:
     entry: str = "mgbench.trainer.loop:train"  # the train function as module:attr (custom trainers, tests)
     eval_hook: str = "mgbench.evaluation:make_eval_hook"  # evaluation-hook factory (cfg -> hook) as module:attr
     report: list[str] = field(default_factory=list)  # `mgbench report` items rendered when the study ends (toy, fig2, table3, ...)
+    reuse: bool = True             # a trial whose config another study of the same storage already trained copies its result
     raw: dict[str, Any] = field(default_factory=dict)  # the spec as read (logged as an artifact)
 
     @property
@@ -122,7 +123,7 @@ class StudySpec:
 
 _TOP_KEYS = {"name", "extends", "base", "space", "sampler", "n_trials", "objective", "pruning", "storage",
              "tracking_uri", "out_dir", "executor", "parallelism", "max_retries", "poll_s", "entry", "eval_hook",
-             "report"}
+             "report", "reuse"}
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
@@ -159,6 +160,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     spec.storage = _str_field(raw, "storage", src, f"sqlite:///{out / 'optuna.db'}")
     spec.tracking_uri = _str_field(raw, "tracking_uri", src, f"sqlite:///{out / 'mlflow.db'}")
     spec.report = _parse_report(raw.get("report", []), src)
+    spec.reuse = _bool_field(raw, "reuse", src, True)
     _check_choices(spec, src)
     _check_uris(spec, src)
     spec.n_trials = _n_trials(spec, raw.get("n_trials"), src)
@@ -222,8 +224,10 @@ def _check_db_file(uri: str, prefix: str, out_dir: str, where: str) -> None:
 
 
 def _check_folder(folder: Path, out_dir: str, where: str, uri: str) -> None:
-    """A local store's folder must exist, or be inside out_dir (the driver creates that): a typo makes no new study."""
-    if folder.is_dir() or folder.is_relative_to(Path(out_dir)):
+    """A local store's folder must exist, or be out_dir, inside it or above it (the driver creates out_dir with its
+    parents): a typo makes no new study."""
+    out = Path(out_dir).expanduser().resolve()
+    if folder.is_dir() or folder.is_relative_to(out) or out.is_relative_to(folder):
         return
     raise ConfigError(f"{where}: folder {str(folder)!r} does not exist (create it, or keep the file under "
                       f"out_dir {out_dir!r}); got {uri!r}")
@@ -456,6 +460,13 @@ def _int_field(raw: dict[str, Any], key: str, src: str, low: int) -> None:
     v = raw.get(key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
         raise ConfigError(f"{src}:{key}: expected an integer >= {low}, got {v!r}")
+
+
+def _bool_field(raw: dict[str, Any], key: str, src: str, default: bool) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{src}:{key}: expected true or false, got {v!r}")
+    return v
 
 
 def _num_field(raw: dict[str, Any], key: str, src: str, default: float) -> float:

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from mgbench.study.executors import check_executor, job_alive, sbatch_script
+from mgbench.study.reuse import UA_REUSED_FROM
 from mgbench.study.spec import StudySpec, corner_points, grid_points
 from mgbench.study.trial import RESULT_FILE, list_trials, read_json, trial_dir
 from mgbench.tracking import TAG_STATUS, trial_run_name
@@ -40,8 +41,17 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
         rows.append({"trial": number, "state": state, "value": t.value if t is not None else None,
                      "params": trial_run_name(spec.settings(rec.get("params") or (t.params if t else {}))),
                      "job": job_state, "result": result.get("status", "-"), "step": result.get("step"),
+                     "reused": _reused_label(t.user_attrs.get(UA_REUSED_FROM) if t is not None else None),
                      "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
     return rows
+
+
+def _reused_label(source: str | None) -> str:
+    """`<study>/<number>/<run id>` -> `<study> #<number>` (the trial was copied from there, not trained)."""
+    if not source:
+        return "-"
+    study, number, _ = source.rsplit("/", 2)
+    return f"{study} #{number}"
 
 
 def _run_status(client: Any, run_id: str | None) -> str:

@@ -18,7 +18,7 @@ import submitit
 
 from mgbench.config import train_config_from_dict
 from mgbench.study.spec import StudySpec
-from mgbench.tracking import TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
+from mgbench.tracking import STATUS_TO_MLFLOW, TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
 
 TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow run id, folder, params, config, jobs
 RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metrics, step, error
@@ -229,5 +229,4 @@ def _close_run(tracker: MlflowTracker, result: dict[str, Any]) -> None:
             record_error(tracker.client, tracker.run_id, result.get("error") or "failed", result.get("traceback"))
         except Exception as e:  # noqa: BLE001 - result.json has the error either way; the run must still end
             print(f"could not attach the error to MLflow run {tracker.run_id}: {e}", file=sys.stderr)
-    end = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}[status]
-    tracker.client.set_terminated(tracker.run_id, end)
+    tracker.client.set_terminated(tracker.run_id, STATUS_TO_MLFLOW[status])
