@@ -233,7 +233,7 @@ def _log_study(uri: str, study: str) -> None:
         client.set_terminated(run.info.run_id)
 
 
-def test_render_frontier_from_mlflow(tmp_path):
+def test_render_frontier_from_mlflow(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_study(uri, "toy")
     final = render_frontier("toy", uri, tmp_path / "final", diversity="coverage", n_boot=100)
@@ -252,6 +252,8 @@ def test_render_frontier_from_mlflow(tmp_path):
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     assert "off_support: lower is better" in (tmp_path / "cli" / "frontier.md").read_text()
-    args = parser.parse_args(argv + ["--quality", "in_class"])   # not logged in this study
-    with pytest.raises(ValueError, match="no frontier points with both in_class and coverage"):
-        args.func(args)
+    args = parser.parse_args(argv + ["--quality", "in_class"])   # not logged in this study: one line, exit 2
+    capsys.readouterr()
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mgbench frontier: error: no frontier points with both in_class and coverage among the finished trial runs"]

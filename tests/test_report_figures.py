@@ -111,3 +111,24 @@ def test_figures_idempotent(store, tmp_path):
             assert (tmp_path / "a" / f"{stem}.{ext}").read_bytes() == (tmp_path / "b" / f"{stem}.{ext}").read_bytes()
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes()
+
+
+def test_fig4_mean_and_se_over_runs(tmp_path):
+    """Two vanilla runs: mean and SE over runs; one MG run: the SE over its sample seeds (sampling only)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp, parent = start_study(client, "se", str(tmp_path / "art"))
+    s05 = T.metric_sweep(0.5, "fid")
+    for i, (over, fid, swept) in enumerate([({}, 20.0, 12.0), ({"train.seed": 1}, 22.0, 12.6),
+                                           ({"objective.w": 1.5}, 8.0, 9.0)]):
+        metrics = {FID: fid, s05: swept, T.metric_se(s05): 0.05, T.M_SAMPLE_SEEDS: 5.0}
+        log_trial(client, "se", exp, parent, i, trial_params(**DIT, **over), metrics)
+    data = F.fig4(L.load_runs(uri, "se"), tmp_path)
+    van = data[(data["training"] == "vanilla") & (data["metric"] == "fid")].set_index("cfg_scale")
+    assert van.loc[0.5, "mean"] == pytest.approx(12.3) and van.loc[0.5, "n"] == 2
+    assert van.loc[0.5, "se"] == pytest.approx(abs(12.6 - 12.0) / 2)     # SD of two values / sqrt(2) = |a - b| / 2
+    mg = data[(data["training"] == "MG w=1.50") & (data["metric"] == "fid")].set_index("cfg_scale")
+    assert (mg.loc[0.5, "mean"], mg.loc[0.5, "se"], mg.loc[0.5, "n"]) == (9.0, 0.05, 1)
+    assert np.isnan(mg.loc[0.0, "se"])             # one run at its own scale without a tracked SE: none

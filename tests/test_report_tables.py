@@ -11,7 +11,7 @@ from mgbench.report import load as L
 from mgbench.report.cli import add_report_parser, render, run_report
 from mgbench.report.render import DASH, to_latex, to_markdown
 from mgbench.report.synthetic import log_trial, start_study, trial_params
-from mgbench.report.tables import build_table, paper_rows
+from mgbench.report.tables import build_table, paper_rows, row_key
 
 FID, IS, PREC = T.metric_eval("fid"), T.metric_eval("is"), T.metric_eval("precision")
 DIT = {"model.arch": "DiT-T/2", "data.name": "digits", "objective.formulation": "diffusion"}
@@ -99,8 +99,10 @@ def test_table3_values_seeds_failed_missing(ablate):
     t = build_table(ablate, 3, "ablate")
     dit = dict(source="measured", model="DiT-T/2")
     w15 = _row(t, setting="w=1.50", extra="objective.label_drop=0.1", **dit)
-    assert (w15["fid"], w15["fid_std"], w15["n_finished"]) == (8.0, 1.0, 3)
-    assert w15["is"] == pytest.approx(110.0) and w15["is_std"] == pytest.approx(10.0)
+    # Runs from before sample seeds (K = 1): the SE is the SD of the 3 run values over sqrt(3).
+    assert (w15["fid"], w15["n_finished"], w15["fid_n"], w15["sample_seeds"]) == (8.0, 3, 3, "1")
+    assert w15["fid_se"] == pytest.approx(1.0 / math.sqrt(3)) and w15["train_seeds"] == "0 1 2"
+    assert w15["is"] == pytest.approx(110.0) and w15["is_se"] == pytest.approx(10.0 / math.sqrt(3))
     assert _row(t, setting="w=1.50", extra="objective.label_drop=0.2", **dit)["fid"] == 11.0
     assert _row(t, setting="w=auto", **dit)["fid"] == 7.5
     failed = _row(t, setting="w=2.00", **dit)
@@ -116,12 +118,16 @@ def test_table3_values_seeds_failed_missing(ablate):
 
 def test_table3_text(ablate):
     md = to_markdown(build_table(ablate, 3, "ablate"))
-    assert "| DiT-T/2 | +MG | w=1.50 [objective.label_drop=0.1] | measured: digits, 2000 steps | 3 | 8.00 ± 1.00 |" in md
+    assert ("| DiT-T/2 | +MG | w=1.50 [objective.label_drop=0.1] | measured: digits, 2000 steps | 3x1 | "
+            "8.00 ± 0.58 |") in md
     assert "| DiT-T/2 | +MG | w=2.00 | measured: digits, 2000 steps | 0/1 (1 failed) | failed |" in md
     assert f"| DiT-T/2 | +MG | w=1.75 | measured: digits, 2000 steps | 0 (missing) | {DASH} |" in md
     assert "| **7.50** |" in md and "paper: ImageNet 256, 400K steps" in md
     tex = to_latex(build_table(ablate, 3, "ablate"))
-    assert r"8.00 $\pm$ 1.00" in tex and r"\textbf{7.50}" in tex and r"\toprule" in tex
+    assert r"8.00 $\pm$ 0.58" in tex and r"\textbf{7.50}" in tex and r"\toprule" in tex
+    assert "| Model | Variant | Setting | Source | Runs | FID ↓ | sFID ↓ | IS ↑ | Prec. ↑ | Rec. ↑ |" in md
+    assert r"FID $\downarrow$ & sFID $\downarrow$ & IS $\uparrow$" in tex
+    assert "± is one standard error of that mean" in md and "training seeds x sample seeds" in md
 
 
 def test_paper_rows_match_published():
@@ -149,7 +155,7 @@ def test_tables_1_2_improve(store):
 def test_render_idempotent_and_cli(store, tmp_path):
     first = render("tables", "ablate", store, tmp_path / "a")
     second = render("tables", "ablate", store, tmp_path / "b")
-    assert len(first) == 24
+    assert len(first) == 32 and sum(p.name.endswith("_runs.csv") for p in first) == 8
     for p, q in zip(first, second):
         assert p.read_bytes() == q.read_bytes(), p.name
     import argparse
@@ -228,3 +234,148 @@ def test_loading_through_mlflow_leaves_the_tracking_uri_alone(store, monkeypatch
     runs = L.load_runs(store, "ablate", reader="mlflow")
     assert len(runs) == 10
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+# ----------------------------------------------------------------------------- sample seeds, per-run values, matched rows
+
+OFFSETS = [-0.1, 0.1, 0.0, -0.2, 0.2]      # per-sample-seed deviations: mean 0, SD sqrt(0.1 / 4) = 0.1581
+SEED_SE = math.sqrt(0.1 / 4 / 5)           # a run's SE over its 5 sample seeds: 0.0707107
+W_INPUT = {"model.w_input": True, "objective.w_range": [1.0, 2.0]}
+
+
+def _seeded(**run_means):
+    """Tracked metrics of one run at 5 sample seeds: {tracked name: run mean} -> mean, SE, per-seed values, K."""
+    from mgbench.report.bench import seeded_metrics
+
+    return seeded_metrics({name: [mean + d for d in OFFSETS] for name, mean in run_means.items()})
+
+
+def _se(values):
+    """Hand oracle: SD (n - 1) of the run values over sqrt(n)."""
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+S100, S050 = T.metric_sweep(1.0, "fid"), T.metric_sweep(0.5, "fid")
+WS = {w: T.metric_wsweep(w, "fid") for w in (1.33, 1.5, 2.0)}
+SEEDED_RUNS = [   # (overrides, {tracked name: run mean}); every run at 5 sample seeds
+    *[({**DIT, "objective.w": 1.0, "train.seed": s}, {FID: f, S100: c, S050: h})
+      for s, f, c, h in ((0, 40.0, 6.1, 9.0), (1, 42.0, 6.4, 9.3), (2, 41.0, 6.7, 9.6))],
+    *[({**DIT, "objective.w": 1.5, "train.seed": s}, {FID: f}) for s, f in ((0, 7.1), (1, 8.0), (2, 7.5))],
+    ({**DIT, "objective.w": 1.25, "train.seed": 0}, {FID: 10.1}),
+    *[({**DIT, **W_INPUT, "train.seed": s}, {FID: f, WS[1.33]: a, WS[1.5]: b, WS[2.0]: c})
+      for s, f, a, b, c in ((0, 12.0, 10.5, 9.0, 7.8), (1, 12.4, 10.9, 9.4, 8.2))],
+]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """Study `seeded`: vanilla (3 seeds, CFG sweep at s = 0.5, 1), MG w=1.5 (3 seeds), w=1.25 (1 seed),
+    a w-input model (2 seeds, w sweep at 1.33, 1.5, 2); every run evaluated at 5 sample seeds."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp, parent = start_study(client, "seeded", str(root / "art"))
+    ids = [log_trial(client, "seeded", exp, parent, i, trial_params(**over), _seeded(**means))
+           for i, (over, means) in enumerate(SEEDED_RUNS)]
+    return uri, L.load_runs(uri, "seeded"), ids
+
+
+def test_mean_and_se_over_training_and_sample_seeds(seeded):
+    t = build_table(seeded[1], 3, "seeded")
+    w15 = _row(t, source="measured", setting="w=1.50")
+    assert w15["fid"] == pytest.approx((7.1 + 8.0 + 7.5) / 3) and w15["fid_se"] == pytest.approx(_se([7.1, 8.0, 7.5]))
+    assert w15["fid_se"] == pytest.approx(0.2603417, abs=1e-7)
+    assert (w15["n_finished"], w15["sample_seeds"], w15["fid_n"], w15["train_seeds"]) == (3, "5", 3, "0 1 2")
+    one = _row(t, source="measured", setting="w=1.25")     # one run: its SE over its 5 sample seeds
+    assert one["fid"] == pytest.approx(10.1) and one["fid_se"] == pytest.approx(SEED_SE) and one["fid_n"] == 1
+    md = to_markdown(t)
+    assert "| DiT-T/2 | +MG | w=1.50 | measured: digits, 2000 steps | 3x5 | **7.53 ± 0.26** |" in md
+    assert "| DiT-T/2 | +MG | w=1.25 | measured: digits, 2000 steps | 1x5 | 10.100 ± 0.071† |" in md
+    assert "† one training seed: ± is the SE over its sample seeds only" in md
+    assert r"10.100 $\pm$ 0.071$^\dagger$" in to_latex(t)
+
+
+def test_table3_cfg_row_matched_to_mg_strength(seeded):
+    t = build_table(seeded[1], 3, "seeded")
+    matched = t.rows[t.rows["row_kind"] == "matched"]
+    assert matched["setting"].tolist() == ["vanilla + CFG s=1.00 (matched to w=1.50)"]   # w=1.25: s=0.33 not swept
+    cfg = matched.iloc[0]
+    assert cfg["variant"] == "cfg" and cfg["fid"] == pytest.approx(6.4)
+    assert cfg["fid_se"] == pytest.approx(_se([6.1, 6.4, 6.7]))
+    assert not cfg["fid_best"]                               # lower than every nominal row, yet not bold
+    block = t.rows[t.rows["source"] == "measured"].reset_index(drop=True)
+    at = block.index[block["setting"] == "w=1.50"][0]
+    assert block.loc[at + 1, "setting"] == cfg["setting"]    # right beside the MG row it matches
+    assert block.loc[block["fid_best"], "setting"].tolist() == ["w=1.50"]
+    md = to_markdown(t)
+    assert ("| DiT-T/2 | CFG | vanilla + CFG s=1.00 (matched to w=1.50) | measured: digits, 2000 steps | 3x5 | "
+            "6.40 ± 0.17 |") in md
+    paper = t.rows[t.rows["source"] == "paper"]
+    assert paper["setting"].tolist() == paper_rows(3)["setting"].tolist()   # the paper's layout is kept
+
+
+def test_table5_matched_strength_and_best_w(seeded):
+    t = build_table(seeded[1], 5, "seeded")
+    block = t.rows[(t.rows["source"] == "measured") & (t.rows["model"] == "DiT-T/2")]
+    settings = block["setting"].tolist()
+    at = settings.index("w_input=yes")
+    assert settings[at:] == ["w_input=yes", "w_input=yes, fed w=1.33 (matched s=0.33 to w=1.25)",
+                             "w_input=yes, fed w=2.00 (matched s=1.00 to w=1.50)",
+                             "w_input=yes, best fed w=2.00 (s=1.00; lowest FID of 3 fed w)"]
+    rows = block.set_index("setting")
+    assert rows.loc["w_input=yes", "fid"] == pytest.approx(12.2) and rows.loc["w_input=yes", "row_kind"] == "nominal"
+    fed2 = rows.loc["w_input=yes, fed w=2.00 (matched s=1.00 to w=1.50)"]
+    assert fed2["fid"] == pytest.approx(8.0) and fed2["fid_se"] == pytest.approx(_se([7.8, 8.2]))
+    assert fed2["row_kind"] == "matched"
+    assert rows.loc["w_input=yes, fed w=1.33 (matched s=0.33 to w=1.25)", "fid"] == pytest.approx(10.7)
+    best = rows.loc["w_input=yes, best fed w=2.00 (s=1.00; lowest FID of 3 fed w)"]
+    assert best["fid"] == pytest.approx(8.0) and best["row_kind"] == "best w"
+    assert not block.loc[block["row_kind"] != "nominal", "fid_best"].any()
+    assert block.loc[block["fid_best"], "extra"].tolist() == ["objective.w=1.5"]      # the fixed w=1.5 row, 7.53
+
+
+def test_per_run_csv(seeded, tmp_path):
+    uri, _, ids = seeded
+    paths = render("table3", "seeded", uri, tmp_path)
+    assert [p.name for p in paths] == ["table3.md", "table3.tex", "table3.csv", "table3_runs.csv"]
+    runs = pd.read_csv(tmp_path / "table3_runs.csv")
+    table = pd.read_csv(tmp_path / "table3.csv")
+    assert set(runs["row"]) <= set(table["row"])
+    w15 = runs[runs["setting"] == "w=1.50"]
+    assert w15["train_seed"].tolist() == [0, 1, 2] and w15["run_id"].tolist() == ids[3:6]
+    assert w15["fid"].tolist() == pytest.approx([7.1, 8.0, 7.5])
+    assert w15["fid_se"].tolist() == pytest.approx([SEED_SE] * 3)
+    assert w15["fid_k"].tolist() == [5, 5, 5] and w15["n_sample_seeds"].tolist() == [5, 5, 5]
+    seeds = w15[[f"fid_seed_{k}" for k in range(5)]].to_numpy().ravel().tolist()
+    assert seeds == pytest.approx([m + d for m in (7.1, 8.0, 7.5) for d in OFFSETS])
+    assert (w15["model"].unique().tolist(), w15["status"].unique().tolist()) == (["DiT-T/2"], ["finished"])
+    cfg = runs[runs["row_kind"] == "matched"]      # the matched row's runs: the vanilla runs' sweep at s = 1
+    assert cfg["run_id"].tolist() == ids[:3] and cfg["fid"].tolist() == pytest.approx([6.1, 6.4, 6.7])
+    assert cfg["fid_seed_4"].tolist() == pytest.approx([6.3, 6.6, 6.9])
+    row = table.set_index("row").loc[cfg["row"].iloc[0]]
+    assert row["setting"] == "vanilla + CFG s=1.00 (matched to w=1.50)" and row["fid"] == pytest.approx(6.4)
+    assert cfg["row"].iloc[0] == row_key("measured", "DiT-T/2", "measured: digits, 2000 steps", "cfg",
+                                         "vanilla + CFG s=1.00 (matched to w=1.50)", "")
+
+
+def test_run_values_tracked_mean_seed_fallback_and_mixed_k():
+    """A run's value: its tracked mean and SE; from its per-seed values where no mean is tracked; K = 1 before seeds."""
+    import numpy as np
+
+    from mgbench.report.values import columns_of, run_values, summarise
+
+    second = [5.0, 6.0] + [np.nan] * 3       # a run with 2 per-seed values and no tracked mean
+    seeds = {T.metric_seed(FID, k): [7.1 + d, v, np.nan] for k, (d, v) in enumerate(zip(OFFSETS, second))}
+    df = pd.DataFrame({FID: [7.1, np.nan, 30.0], T.metric_se(FID): [SEED_SE, np.nan, np.nan], **seeds,
+                       T.M_SAMPLE_SEEDS: [5.0, np.nan, np.nan]})
+    v = run_values(df, {"fid": FID})
+    assert v["fid"].tolist() == pytest.approx([7.1, 5.5, 30.0]) and v["fid_k"].tolist() == [5, 2, 1]
+    assert v["fid_se"].tolist()[:2] == pytest.approx([SEED_SE, 0.5]) and math.isnan(v["fid_se"][2])
+    assert v["n_sample_seeds"].tolist() == [5, 2, 1] and v["fid_seed_1"].tolist()[:2] == pytest.approx([7.2, 6.0])
+    runs = v.assign(**{L.STATUS: ["finished", "finished", "failed"], "train_seed": pd.array([0, 1, 2], dtype="Int64")})
+    row = summarise(columns_of(runs), ["fid"])
+    assert (row["n_runs"], row["n_finished"], row["status"], row["sample_seeds"]) == (3, 2, "1 failed", "2-5")
+    assert row["fid"] == pytest.approx(6.3) and row["fid_se"] == pytest.approx(_se([7.1, 5.5])) and row["fid_n"] == 2

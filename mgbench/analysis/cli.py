@@ -1,4 +1,4 @@
-"""`mgbench frontier --study NAME`: MG against CFG at matched diversity, into reports/<study>/frontier.*."""
+"""`mgbench frontier --study SPEC|NAME`: MG against CFG at matched diversity, into reports/<study>/frontier.*."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
     """Add the `frontier` sub-command (sets `func`) to an argparse sub-command group."""
     p = subparsers.add_parser(name, help="effective CFG scale of MG models and the quality gap at matched diversity",
                               description=__doc__)
-    p.add_argument("--study", required=True, help="study name (its MLflow experiment)")
+    p.add_argument("--study", required=True,
+                   help="the study: its spec file (studies/X.yaml: name and tracking URI from the spec) or its name "
+                        "(the MLflow experiment at --tracking-uri)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
@@ -28,11 +30,22 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
 
 
 def run_frontier(args: argparse.Namespace) -> int:
-    """Render the frontier report of one study and print the files written."""
-    from mgbench.analysis.frontier_report import render_frontier
+    """Render the frontier report of one study and print the files written (a study without runs: one line, 2)."""
+    from mgbench.cli import print_error
+    from mgbench.config import ConfigError
+    from mgbench.report.cli import resolve_studies
+    from mgbench.stores import require_runs
 
-    paths = render_frontier(args.study, args.tracking_uri, args.out, args.quality, args.diversity,
-                            level=args.level, n_boot=args.n_boot, history=args.history)
+    try:
+        sources = resolve_studies([args.study], args.tracking_uri)
+        require_runs(sources, [args.study])   # before anything that would create a store or a folder
+        (study, uri), = sources
+        from mgbench.analysis.frontier_report import render_frontier
+
+        paths = render_frontier(study, uri, args.out, args.quality, args.diversity,
+                                level=args.level, n_boot=args.n_boot, history=args.history)
+    except (ConfigError, LookupError, ValueError) as e:
+        return print_error("mgbench frontier", e)
     for path in paths:
         print(path)
     return 0

@@ -6,12 +6,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from mgbench.bench.markdown import SECTION_ORDER, load_results, render, results_dict
-from mgbench.bench.timing import Section, machine
+if TYPE_CHECKING:
+    from mgbench.bench.timing import Section
 
 DEFAULT_OUT = "reports/benchmarks.md"
+SECTION_ORDER = ("sampling", "training", "models", "harness", "report")  # = bench.markdown.SECTION_ORDER, torch-free
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -66,6 +67,9 @@ def run_bench(args: argparse.Namespace, echo: Callable[[str], None] = print) -> 
     """Run the chosen sections, print each check, write the markdown; returns the sections and the text."""
     import torch
 
+    from mgbench.bench.markdown import load_results, render, results_dict
+    from mgbench.bench.timing import Section, machine
+
     if args.threads:
         torch.set_num_threads(args.threads)
     only = parse_only(args.only)
@@ -113,8 +117,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         run_bench(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"mgbench bench: {e}", file=sys.stderr)
-        return 2
+        from mgbench.cli import print_error
+
+        return print_error("mgbench bench", e)
     return 0
 
 

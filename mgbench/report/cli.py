@@ -14,7 +14,7 @@ TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
 FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_convergence", "fig6": "fig6_scaling"}
 EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
-CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all"]
+CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all", "claims"]  # claims: verdicts of --claims FILE
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,13 +22,15 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p = subparsers.add_parser("report", help="render the paper's tables and figures from a study's MLflow runs",
                               description=__doc__)
     p.add_argument("what", choices=CHOICES, help="one table or figure, or tables | figures | all")
-    p.add_argument("--study", required=True, action="append",
+    p.add_argument("--study", action="append",   # required, except for `claims` (its file names its studies)
                    help="a study: its spec file (studies/X.yaml: name and tracking URI from the spec) or its name "
                         "(the MLflow experiment at --tracking-uri); repeat to render several studies as one "
                         "(e.g. Table 3's w rows and its AUTO row)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<study>; claims: reports)")
+    p.add_argument("--claims", default="reports/claims.yaml",
+                   help="claims: the file of declared comparisons (default: reports/claims.yaml)")
     p.set_defaults(func=run_report)
     return p
 
@@ -126,7 +128,18 @@ def render(what: str, study: str | list[Source], tracking_uri: str | None = None
 def run_report(args: argparse.Namespace) -> int:
     """Entry point of `mgbench report`; prints the files written, returns the exit code."""
     try:
+        if args.what == "claims":
+            from mgbench.report.claims_table import write_claims
+
+            paths = write_claims(args.claims, args.out or "reports", args.tracking_uri)
+            print("\n".join(map(str, paths)))
+            return 0
+        if not args.study:
+            raise ValueError(f"{args.what}: needs --study (a spec file or a study name)")
         sources = resolve_studies(args.study, args.tracking_uri)
+        from mgbench.stores import require_runs
+
+        require_runs(sources, args.study)   # no runs: one line naming `mgbench study run SPEC`; creates no store or folder
         paths = render(args.what, sources, out=args.out)
     except ConfigError as e:
         print(f"mgbench report: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import pandas as pd
 from mgbench import tracking as T
 from mgbench.report import load as L
 from mgbench.report.specs import _w_setting, model_label, uses_cfg
+from mgbench.report.stats import estimate
 
 FID, IS = T.metric_eval("fid"), T.metric_eval("is")
 # Fixed metadata so the same data gives the same bytes (no dates, no version strings).
@@ -63,7 +64,7 @@ def _model(row: dict[str, Any]) -> str:
 
 
 def fig4_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """FID and IS against the CFG scale, per model and training variant (mean and std over seeds)."""
+    """FID and IS against the CFG scale, per model and training variant: mean and SE over runs (report.stats)."""
     pattern = L.sweep_pattern()
     sweeps = [(c, pattern.match(c)) for c in runs.columns]
     sweeps = [(c, float(m["scale"]), m["metric"]) for c, m in sweeps if m and m["metric"] in ("fid", "is")]
@@ -73,22 +74,26 @@ def fig4_data(runs: pd.DataFrame) -> pd.DataFrame:
         seen = set()
         for col, scale, metric in sweeps:
             if row.get(col) is not None:
-                points.append((row, scale, metric, row[col]))
+                points.append((row, scale, metric, row[col], row.get(T.metric_se(col))))
                 seen.add((scale, metric))
         for metric, col in (("fid", FID), ("is", IS)):
             if row.get(col) is not None and (own, metric) not in seen:
-                points.append((row, own, metric, row[col]))
+                points.append((row, own, metric, row[col], row.get(T.metric_se(col))))
+    columns = ["model", "scale", "variant", "training", "cfg_scale", "metric", "value", "run_se", "k"]
     data = pd.DataFrame([{"model": _model(r), "scale": r.get(T.TAG_SCALE) or "", "variant": r[L.VARIANT],
                           "training": "vanilla" if r[L.VARIANT] == "vanilla" else "MG " + _w_setting(r),
-                          "cfg_scale": s, "metric": m, "value": float(v)} for r, s, m, v in points],
-                        columns=["model", "scale", "variant", "training", "cfg_scale", "metric", "value"])
+                          "cfg_scale": s, "metric": m, "value": float(v), "run_se": np.nan if se is None else float(se),
+                          "k": int(r.get(T.M_SAMPLE_SEEDS) or 1)} for r, s, m, v, se in points], columns=columns)
     keys = ["model", "scale", "variant", "training", "metric", "cfg_scale"]
-    agg = data.groupby(keys, sort=True)["value"].agg(["mean", "std", "count"]).reset_index()
-    return agg.rename(columns={"count": "n"})
+    rows = []
+    for key, part in data.groupby(keys, sort=True):
+        est = estimate(part["value"].tolist(), part["run_se"].tolist(), int(part["k"].min()))
+        rows.append({**dict(zip(keys, key)), "mean": est.mean, "se": est.se, "n": est.n_runs})
+    return pd.DataFrame(rows, columns=[*keys, "mean", "se", "n"])
 
 
 def fig4(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
-    """Figure 4: FID and IS against the CFG scale; CFG on a vanilla model vs CFG on top of an MG model."""
+    """Figure 4: FID and IS against the CFG scale; CFG on a vanilla model vs CFG on top of an MG model (bars: SE)."""
     data = fig4_data(runs)
     plt, sns = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -97,6 +102,8 @@ def fig4(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
         if not part.empty:
             sns.lineplot(part, x="cfg_scale", y="mean", hue="training", style="model", marker="o", ax=ax,
                          errorbar=None)
+            bars = part.dropna(subset=["se"])        # mean +- SE over runs (sampling-only SE for one run)
+            ax.errorbar(bars["cfg_scale"], bars["mean"], yerr=bars["se"], fmt="none", ecolor="0.4", capsize=2, lw=0.8)
         ax.set(xlabel="CFG scale s (pred = cond + s (cond - uncond))", ylabel=name, title=f"{name} against CFG scale")
     fig.tight_layout()
     save_figure(fig, out_dir, "fig4_cfg_scale")

@@ -11,24 +11,32 @@ from mgbench.report.tables import Table
 
 HEADER = {m: h for m, h, _, _ in METRICS}
 DECIMALS = {m: d for m, _, d, _ in METRICS}
+ARROW = {m: "↑" if higher else "↓" for m, _, _, higher in METRICS}   # which direction is better
 DASH = "–"                      # a setting that was expected but not measured (or a value the paper omits)
 PM = "±"
+ONE_RUN = "†"                   # one training seed: the ± holds the sampling noise only
+
+
+def decimals(se: float, least: int) -> int:
+    """Decimals that show two significant digits of the SE (at least `least`, at most 8)."""
+    if not math.isfinite(se) or se <= 0:
+        return least
+    return min(8, max(least, 1 - math.floor(math.log10(se))))
 
 
 def cell(row: dict, metric: str) -> str:
-    """One metric cell as text: mean, `mean ± std` over several seeds, a percentage, a state, or a dash."""
-    value, std = row.get(metric), row.get(f"{metric}_std")
+    """One metric cell as text: `mean ± SE` (2 significant digits of the SE), a percentage, a state, or a dash."""
+    value, se = row.get(metric), row.get(f"{metric}_se")
     if row["variant"] == "improve":
         return DASH if _missing(value) else f"{value:+.1f}%"
     if _missing(value):
         if row["source"] == "measured" and row["n_finished"] == 0 and row["status"] != "finished":
             return DASH if row["status"] == "missing" else row["status"].split(" ", 1)[-1].split(",")[0]
         return DASH
-    d = DECIMALS[metric]
-    text = f"{value:.{d}f}"
-    if row.get("n_finished", 0) > 1 and not _missing(std):
-        text += f" {PM} {std:.{d}f}"
-    return text
+    if _missing(se):
+        return f"{value:.{DECIMALS[metric]}f}"
+    d = decimals(se, DECIMALS[metric])
+    return f"{value:.{d}f} {PM} {se:.{d}f}" + (ONE_RUN if row.get(f"{metric}_n") == 1 else "")
 
 
 def _missing(value) -> bool:
@@ -36,18 +44,20 @@ def _missing(value) -> bool:
 
 
 def runs_cell(row: dict) -> str:
-    """How many runs a measured row rests on: `3`, `2/3 (1 failed)`, `0 (missing)`; empty for paper rows."""
+    """What a measured row rests on, training seeds x sample seeds: `3x5`, `2x5 of 3 (1 failed)`, `0/1 (1 failed)`."""
     if row["source"] == "paper" or row["variant"] == "improve":
         return ""
     if row["status"] == "missing":
         return "0 (missing)"
-    if row["status"] == "finished":
-        return str(row["n_runs"])
-    return f"{row['n_finished']}/{row['n_runs']} ({row['status']})"
+    if row["n_finished"] == 0:
+        return f"0/{row['n_runs']} ({row['status']})"
+    text = f"{row['n_finished']}x{row['sample_seeds']}"
+    return text if row["status"] == "finished" else f"{text} of {row['n_runs']} ({row['status']})"
 
 
 def _label_cells(row: dict) -> list[str]:
-    variant = {"improve": "IMPROVE", "mg": "+MG", "vanilla": "vanilla", "baseline": ""}.get(row["variant"], row["variant"])
+    names = {"improve": "IMPROVE", "mg": "+MG", "vanilla": "vanilla", "cfg": "CFG", "baseline": ""}
+    variant = names.get(row["variant"], row["variant"])
     setting = row["setting"] + (f" [{row['extra']}]" if row["extra"] else "")
     return [row["model"], variant, setting, row["scale"], runs_cell(row)]
 
@@ -55,7 +65,7 @@ def _label_cells(row: dict) -> list[str]:
 def text_rows(table: Table) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and body cells (text, is-best) shared by the Markdown and LaTeX writers."""
     metrics = list(table.spec.metrics)
-    header = ["Model", "Variant", "Setting", "Source", "Runs"] + [HEADER[m] for m in metrics]
+    header = ["Model", "Variant", "Setting", "Source", "Runs"] + [f"{HEADER[m]} {ARROW[m]}" for m in metrics]
     body = []
     for row in table.rows.to_dict("records"):
         cells = [(c, False) for c in _label_cells(row)]
@@ -70,8 +80,23 @@ def _title(table: Table) -> str:
 
 
 def _legend(table: Table) -> list[str]:
-    return [*table.spec.notes, "Best value per column in bold (lowest FID/sFID, highest IS/Prec./Rec.), within each "
-            f"model block and source. Measured: mean {PM} std over seeds; {DASH} = not measured or not published."]
+    """The notes under a table: the spec's notes, what each column and the ± mean, and what bold marks."""
+    arrows = ", ".join(f"{HEADER[m]} {ARROW[m]}" for m in table.spec.metrics)
+    return [*table.spec.notes,
+            "Columns: Model (a DiT-* network trained as a flow is the paper's SiT-*); Variant (vanilla: w = 1; +MG: "
+            "model guidance; CFG: a vanilla model sampled with classifier-free guidance; IMPROVE: relative change of "
+            "MG vs vanilla); Setting (the ablated knob, [params that also differ between the row's runs]); Source "
+            "(paper: published; measured: this study, at its scale); Runs (measured: training seeds x sample seeds "
+            "per run, e.g. 3x5; runs that did not finish are counted apart); metrics: " + arrows +
+            " (↓ lower is better, ↑ higher is better).",
+            f"Measured values: the mean over training seeds of each run's mean over its sample seeds; {PM} is one "
+            "standard error of that mean (SD of the run means / sqrt(n), holding training-seed and sampling noise). "
+            f"{ONE_RUN} one training seed: {PM} is the SE over its sample seeds only (sampling noise, without the "
+            f"training-seed noise). No {PM}: one run at one sample seed (no estimate). Each run's values: "
+            f"table{table.spec.number}_runs.csv.",
+            "Best value per column in bold, within each model block and source, among the nominal rows only "
+            "(matched rows sample at another strength and are never bold); bold marks the best mean, not a "
+            f"resolved difference. {DASH} = not measured or not published."]
 
 
 def to_markdown(table: Table) -> str:
@@ -88,7 +113,8 @@ def to_markdown(table: Table) -> str:
 
 def _tex(text: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"),
-                 ("~", r"\textasciitilde{}"), ("^", r"\^{}"), (PM, r"$\pm$"), (DASH, "--")):
+                 ("~", r"\textasciitilde{}"), ("^", r"\^{}"), (PM, r"$\pm$"), (DASH, "--"), (ONE_RUN, r"$^\dagger$"),
+                 ("↓", r"$\downarrow$"), ("↑", r"$\uparrow$")):
         text = text.replace(a, b)
     return text
 
@@ -109,17 +135,24 @@ def to_latex(table: Table) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """The table's tidy rows as CSV: numbers, std, best flags, run counts and states."""
+    """The table's tidy rows as CSV: means, SEs, runs per metric, best flags, run counts, seeds and states."""
     return table.rows.assign(table=table.spec.number).to_csv(index=False, float_format="%.6g", lineterminator="\n")
 
 
+def runs_csv(table: Table) -> str:
+    """The per-run frame as CSV: per run its row, training seed, run id, and per metric mean, SE, K, seed values."""
+    return table.runs.assign(table=table.spec.number).to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
 def write_table(table: Table, out_dir: str | Path) -> list[Path]:
-    """Write `table<N>.md`, `.tex` and `.csv` under out_dir; returns the paths."""
+    """Write `table<N>.md`, `.tex`, `.csv` and `table<N>_runs.csv` under out_dir; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stem = f"table{table.spec.number}"
     paths = []
-    for ext, text in (("md", to_markdown(table)), ("tex", to_latex(table)), ("csv", to_csv(table))):
-        path = out / f"table{table.spec.number}.{ext}"
+    for name, text in ((f"{stem}.md", to_markdown(table)), (f"{stem}.tex", to_latex(table)),
+                       (f"{stem}.csv", to_csv(table)), (f"{stem}_runs.csv", runs_csv(table))):
+        path = out / name
         path.write_text(text, encoding="utf-8")
         paths.append(path)
     return paths

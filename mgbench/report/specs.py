@@ -26,9 +26,11 @@ VARIANT_RANK = {"baseline": 0, "vanilla": 1, "mg": 2, "improve": 3}
 SPEC_COLUMNS = [L.P_GUIDANCE, L.P_ARCH, L.P_FORMULATION, L.P_W, L.P_W_RANGE, L.P_AUTO_W, L.P_LABEL_DROP, L.P_W_INPUT,
                 L.P_EMPTY, L.P_DATA, L.P_SIZE, L.VARIANT, T.TAG_SCALE]
 # Params that never tell two settings apart (names, folders, seeds, bookkeeping of the loop).
+# The evaluation's K and its extra sweeps change how precise a run's value is, or add values beside it, not
+# the value itself: runs that differ only there share a row (its Runs cell shows the K it really has).
 IGNORED_PARAMS = {"name", "out_dir", "data.cache_dir", "data.path", "data.vae", L.P_SEED, "sample.seed",
                   "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.max_steps_per_run",
-                  "train.device", "sample.n_grid"}
+                  "train.device", "sample.n_grid", "eval.sample_seeds", "eval.cfg_sweep", "eval.w_sweep"}
 
 
 def model_label(arch: Any, formulation: Any) -> str:
@@ -114,10 +116,21 @@ class TableSpec:
     variant_first: bool = True                        # order rows by variant then setting (else setting first)
     best_within: tuple[str, ...] = ("family", "source", "model", "scale")
     notes: tuple[str, ...] = field(default_factory=tuple)
+    matched: str = ""                                 # like-for-like rows (report.matched): cfg | w_input | "" (none)
 
 
 _NO_CFG = (lambda r: not uses_cfg(r))
 _W_NOTE = "w counts from 1 as in the paper (w = 1 is vanilla); the weight of the MG term in the target is g = w - 1."
+_CFG_MATCH_NOTE = ("Equal w is not equal guidance: an MG model trained at w (g = w - 1 on a fraction f of the batch) "
+                   "converges to CFG with s = f g / (1 - f g) (w = 1.5, f = 1: s = 1). Rows `vanilla + CFG s=S "
+                   "(matched to w=W)` are the study's vanilla runs sampled with CFG at that s (their CFG sweep), "
+                   "beside the MG row they match; shown where s was swept (to two decimals).")
+_W_INPUT_MATCH_NOTE = ("Equal nominal w is not equal guidance: a fixed-w model at w (g = w - 1 on a fraction f of the "
+                       "batch) converges to CFG s = f g / (1 - f g) (s = (w-1)/(2-w) at f = 1), a w-input model fed w "
+                       "to s = w - 1. The w_input=yes row is sampled at the w its evaluation was given (sample.w, else "
+                       "objective.w); rows `w_input=yes, fed w=X (matched s=S to w=W)` are the same runs fed the w of "
+                       "equal strength (from their w sweep, where swept to two decimals); `best fed w` is the swept w "
+                       "with the lowest FID, chosen on the same data (optimistic).")
 
 SPECS: dict[int, TableSpec] = {
     1: TableSpec(1, "System-level comparison without CFG", lambda r: "cfg" if uses_cfg(r) else "no-cfg",
@@ -130,11 +143,12 @@ SPECS: dict[int, TableSpec] = {
                  lambda r: uses_cfg(r) == (r[L.VARIANT] == "vanilla"), paper_scale="paper: ImageNet 256",
                  improve=True, variant_first=False, best_within=("source", "scale"),
                  metrics=("fid", "sfid", "is", "precision", "recall", "img_per_s")),
-    3: TableSpec(3, "Ablation: guidance scale w", _w_setting, _NO_CFG, notes=(_W_NOTE,)),
+    3: TableSpec(3, "Ablation: guidance scale w", _w_setting, _NO_CFG, notes=(_W_NOTE, _CFG_MATCH_NOTE),
+                 matched="cfg"),
     4: TableSpec(4, "Ablation: label drop rate lambda",
                  lambda r: f"lambda={float(r.get(L.P_LABEL_DROP) or 0.0):.2f}", _NO_CFG),
     5: TableSpec(5, "Ablation: w as a model input", lambda r: "w_input=" + _yes(r.get(L.P_W_INPUT)), _NO_CFG,
-                 sort_key=lambda s: (s.endswith("yes"), s)),
+                 sort_key=lambda s: (s.endswith("yes"), s), notes=(_W_INPUT_MATCH_NOTE,), matched="w_input"),
     6: TableSpec(6, "Ablation: keeping the empty class", lambda r: "empty_class=" + _yes(r.get(L.P_EMPTY)), _NO_CFG,
                  sort_key=lambda s: (s.endswith("yes"), s)),
     7: TableSpec(7, "Ablation: model size", _size, _NO_CFG, sort_key=_size_key, expect_paper_settings=False,

@@ -1,7 +1,12 @@
-"""Tidy runs -> the paper's Tables 1-8: measured rows (mean +- std over seeds) beside the published rows."""
+"""Tidy runs -> the paper's Tables 1-8: measured rows (mean +- SE over runs) beside the published rows.
+
+A measured row's value is the mean over its finished runs of each run's mean over its sample seeds, with
+the standard error of report.stats.estimate (report.values); every row's runs come out as a per-run frame
+(`Table.runs`, written as `table<N>_runs.csv`). Tables 3 and 5 add like-for-like rows (report.matched).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -10,20 +15,32 @@ import pandas as pd
 
 from mgbench import tracking as T
 from mgbench.report import load as L
+from mgbench.report.matched import matched_rows
 from mgbench.report.specs import METRIC_COLUMN, METRICS, IGNORED_PARAMS, SPEC_COLUMNS, SPECS, VARIANT_RANK, \
     TableSpec, model_family, model_label
+from mgbench.report.values import SEED, K, columns_of, per_run_frame, run_values, summarise
 
 DIRECTION = {m: higher for m, _, _, higher in METRICS}
 KEY = ["family", "model", "scale", "variant", "setting"]   # one table row per key (plus `extra` for split rows)
 
 
+ROW = "row"                    # the text key of a table row: source | model | scale | variant | setting | extra
+NOMINAL = "nominal"            # row_kind of the paper's layout; matched rows are `matched` or `best w`
+
+
 @dataclass
 class Table:
-    """A rendered table's content: tidy rows (numbers, std, best flags) and what the columns mean."""
+    """A rendered table's content: tidy rows (numbers, SE, best flags), their runs, and what the columns mean."""
 
     spec: TableSpec
-    rows: pd.DataFrame        # one row per table line; metric m in column m, its std in m_std, best flag in m_best
+    rows: pd.DataFrame        # one row per table line; metric m in m, its SE in m_se, its runs in m_n, best in m_best
     study: str = ""
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per run of every measured row (RUN_COLUMNS)
+
+
+def row_key(source: str, model: str, scale: str, variant: str, setting: str, extra: str) -> str:
+    """The text key of a table row (the `row` column of the rows and of the per-run frame)."""
+    return " | ".join(str(x) for x in (source, model, scale, variant, setting, extra))
 
 
 def paper_rows(number: int) -> pd.DataFrame:
@@ -35,12 +52,13 @@ def paper_rows(number: int) -> pd.DataFrame:
     out = pd.DataFrame({
         "source": "paper", "model": paper["model"], "variant": paper["variant"], "setting": paper["setting"],
         "scale": spec.paper_scale, "extra": "", "n_runs": 0, "n_finished": 0, "status": "published",
-        "order": np.arange(len(paper)),
+        "order": np.arange(len(paper)), "row_kind": NOMINAL, "sample_seeds": "", "train_seeds": "",
     })
     out["family"] = [("baseline" if v == "baseline" else model_family(m)) for m, v in zip(out["model"], out["variant"])]
     for metric, *_ in METRICS:
         out[metric] = paper[metric].astype(float)
-        out[f"{metric}_std"] = np.nan
+        out[f"{metric}_se"] = np.nan
+        out[f"{metric}_n"] = 0
     return out
 
 
@@ -52,6 +70,7 @@ class PreparedRuns:
     records: list[dict[str, Any]]      # per run, the columns the table specs read (None for missing)
     codes: pd.DataFrame                # per run, an integer code per param value (to find rows that differ)
     text: pd.DataFrame                 # per run, each param value as `name=value` text
+    values: pd.DataFrame               # per run, each metric's value over its sample seeds (values.run_values)
 
 
 def prepare_runs(runs: pd.DataFrame | PreparedRuns) -> PreparedRuns:
@@ -65,13 +84,16 @@ def prepare_runs(runs: pd.DataFrame | PreparedRuns) -> PreparedRuns:
     df["model"] = [model_label(r.get(L.P_ARCH), f) for r, f in zip(records, form)]
     df["family"] = [model_family(m, f) for m, f in zip(df["model"], form)]
     df["scale"] = ["measured: " + str(r.get(T.TAG_SCALE) or "unlabelled scale") for r in records]
-    params = [c for c in runs.columns if "." in c and not c.startswith(("mgbench.", "mlflow.")) and c not in IGNORED_PARAMS
-              and not c.startswith(("eval/", "train/", "model/", "sweep/"))]
+    # Params are dotted config names; tracked metrics all have a `/` (eval/fid, sweep/..., wsweep/...).
+    params = [c for c in runs.columns if "." in c and "/" not in c and not c.startswith(("mgbench.", "mlflow."))
+              and c not in IGNORED_PARAMS]
     codes, text = {}, {}
     for p in params:
         codes[p], uniques = pd.factorize(runs[p].astype(object), use_na_sentinel=False)
         text[p] = np.array([f"{p}={_plain(u)}" for u in uniques], dtype=object)[codes[p]]
-    return PreparedRuns(df, records, pd.DataFrame(codes, index=runs.index), pd.DataFrame(text, index=runs.index))
+    values = run_values(runs, {m: METRIC_COLUMN[m] for m, *_ in METRICS})
+    return PreparedRuns(df, records, pd.DataFrame(codes, index=runs.index), pd.DataFrame(text, index=runs.index),
+                        values)
 
 
 def _labelled(prepared: PreparedRuns, spec: TableSpec) -> pd.DataFrame:
@@ -106,33 +128,19 @@ def _plain(value: Any) -> Any:
     return None if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else value
 
 
-def _aggregate(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    """One row per (model, scale, variant, setting, extra): counts by status, mean and std over finished runs."""
-    if df.empty:
-        return pd.DataFrame(columns=["source", *KEY, "extra", "n_runs", "n_finished", "status"])
+def _aggregate(df: pd.DataFrame, values: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per (model, scale, variant, setting, extra): counts by status and the estimate over finished runs;
+    and the per-run frame of those rows."""
     keys = [*KEY, "extra"]
-    df = df.assign(_done=df[L.STATUS] == "finished")
-    grouped = df.groupby(keys, dropna=False, sort=False)
-    out = grouped.size().rename("n_runs").to_frame()
-    out["n_finished"] = grouped["_done"].sum()
-    counts = df.groupby(keys, dropna=False, sort=False)[L.STATUS].value_counts().unstack(fill_value=0)
-    out["status"] = [_status_text(counts.loc[idx]) for idx in out.index]
-    done = df[df["_done"]].groupby(keys, dropna=False, sort=False)
-    for metric, *_ in METRICS:
-        col = METRIC_COLUMN[metric]
-        if col in df:
-            out[metric] = done[col].mean()
-            out[f"{metric}_std"] = done[col].std(ddof=1)
-        else:
-            out[metric] = np.nan
-            out[f"{metric}_std"] = np.nan
-    return out.reset_index().assign(source="measured")
-
-
-def _status_text(counts: pd.Series) -> str:
-    """"finished" when every run finished; else the counts of the other states ("1 failed, 1 running")."""
-    others = [f"{int(n)} {s}" for s, n in sorted(counts.items()) if s != "finished" and n > 0]
-    return ", ".join(others) if others else "finished"
+    if df.empty:
+        return pd.DataFrame(columns=["source", *keys, "n_runs", "n_finished", "status"]), pd.DataFrame()
+    per_run = per_run_frame(df, values, keys).assign(row_kind=NOMINAL)
+    cols = columns_of(per_run.reset_index(drop=True))
+    groups = per_run.reset_index(drop=True).groupby(keys, dropna=False, sort=False).indices
+    metrics = [m for m, *_ in METRICS]
+    rows = [{**dict(zip(keys, key)), **summarise({c: a[at] for c, a in cols.items()}, metrics)}
+            for key, at in groups.items()]
+    return pd.DataFrame(rows).assign(source="measured", row_kind=NOMINAL), per_run
 
 
 def _expected(measured: pd.DataFrame, paper: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
@@ -154,7 +162,7 @@ def _expected(measured: pd.DataFrame, paper: pd.DataFrame, spec: TableSpec) -> p
         for variant, setting in sorted(want - present):
             missing.append({"source": "measured", "family": family, "model": model, "scale": scale,
                             "variant": variant, "setting": setting, "extra": "", "n_runs": 0, "n_finished": 0,
-                            "status": "missing"})
+                            "status": "missing", "row_kind": NOMINAL, "sample_seeds": "", "train_seeds": ""})
     return pd.DataFrame(missing)
 
 
@@ -185,16 +193,21 @@ def _improve(rows: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         if rec["variant"] != "mg" or base is None:
             continue
         change = {m: 100.0 * (rec[m] - base[m]) / base[m] if base[m] else np.nan for m in spec.metrics}
-        out.append({**{k: rec[k] for k in ("source", "family", "model", "scale", "extra")},
-                    "variant": "improve", "setting": rec["setting"], "n_runs": 0, "n_finished": 0,
+        out.append({**{k: rec[k] for k in ("source", "family", "model", "scale", "extra", "row_kind")},
+                    "sample_seeds": "", "train_seeds": "", "variant": "improve", "setting": rec["setting"],
+                    "n_runs": 0, "n_finished": 0,
                     "status": f"relative change vs vanilla {base['setting']}, %", "order": rec.get("order"), **change})
     return _order(pd.DataFrame(out), spec)
 
 
 def _mark_best(rows: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
-    """Flag the best value per column (lowest FID/sFID, highest IS/precision/recall) within each comparison set."""
+    """Flag the best value per column (lowest FID/sFID, highest IS/precision/recall) within each comparison set.
+
+    Only the nominal rows compete: a matched or best-w row samples at another strength than the paper's
+    layout (and the best-w row is chosen on its own data), so it is never flagged and never beats one.
+    """
     rows = rows.copy()
-    real = rows["variant"] != "improve"
+    real = (rows["variant"] != "improve") & (rows["row_kind"] == NOMINAL)
     for metric in spec.metrics:
         values = rows[metric].where(real)
         if DIRECTION[metric]:
@@ -205,24 +218,68 @@ def _mark_best(rows: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     return rows
 
 
+def _insert_matched(rows: pd.DataFrame, matched: list) -> pd.DataFrame:
+    """Put each matched row right after the measured row it stands beside, in the order they were made."""
+    after: dict[tuple, list[dict]] = {}
+    for anchor, row, _ in matched:
+        after.setdefault(anchor, []).append({**row, "source": "measured"})
+    out = []
+    for rec in rows.to_dict("records"):
+        out.append(rec)
+        if rec["source"] == "measured" and rec["variant"] != "improve":
+            out += after.pop(tuple(rec[c] for c in [*KEY, "extra"]), [])
+    return pd.DataFrame(out)
+
+
+def _with_row_key(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with its `row` column (row_key of each line, built column-wise: fast for 10,000 runs)."""
+    key = frame["source"].astype(str)
+    for col in ("model", "scale", "variant", "setting", "extra"):
+        key = key + " | " + frame[col].astype(str)
+    return frame.assign(**{ROW: key})
+
+
+def _runs_frame(parts: list[pd.DataFrame], rows: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """The per-run frame of a table: one line per run of each measured row, in the table's row order."""
+    head = [ROW, "family", "model", "variant", "setting", "extra", "scale", "row_kind", SEED, L.RUN_ID, L.STATUS, K]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        return pd.DataFrame(columns=head + [c for m in metrics for c in (m, f"{m}_se", f"{m}_k")])
+    runs = _with_row_key(pd.concat(parts, ignore_index=True).assign(source="measured"))
+    columns = list(head)
+    for m in metrics:
+        seeds = sorted((int(c.rsplit("_", 1)[1]), c) for c in runs.columns if c.startswith(f"{m}_seed_"))
+        columns += [m, f"{m}_se", f"{m}_k", *(c for _, c in seeds)]
+    position = {key: i for i, key in enumerate(rows[ROW])}
+    runs = runs.assign(_pos=runs[ROW].map(position)).sort_values(["_pos", SEED, L.RUN_ID], na_position="last")
+    return runs[columns].reset_index(drop=True)
+
+
 def build_table(runs: pd.DataFrame | PreparedRuns, number: int, study: str = "") -> Table:
-    """One of the paper's tables from tidy runs (`load_runs`): paper rows, measured rows, dashes, IMPROVE, best."""
+    """One of the paper's tables from tidy runs (`load_runs`): paper rows, measured rows, dashes, IMPROVE,
+    matched rows, best flags; and the per-run frame of its measured rows."""
     spec = SPECS[number]
     paper = paper_rows(number)
-    measured = _aggregate(_labelled(prepare_runs(runs), spec), spec)
+    prepared = prepare_runs(runs)
+    labelled = _labelled(prepared, spec)
+    measured, per_run = _aggregate(labelled, prepared.values)
     missing = _expected(measured, paper, spec)
-    parts = [p for p in (paper, measured, missing) if not p.empty]
-    rows = pd.concat(parts, ignore_index=True)
-    for metric, *_ in METRICS:
-        for col in (metric, f"{metric}_std"):
-            rows[col] = pd.to_numeric(rows.get(col, np.nan), errors="coerce").astype(float)
-    rows["n_runs"] = rows["n_runs"].fillna(0).astype(int)
-    rows["n_finished"] = rows["n_finished"].fillna(0).astype(int)
+    rows = pd.concat([p for p in (paper, measured, missing) if not p.empty], ignore_index=True)
     rows = _order(rows, spec)
     if spec.improve:
         rows = _improve(rows, spec)
-    rows = _mark_best(rows, spec)
-    columns = ["source", "family", "model", "variant", "setting", "extra", "scale", "n_runs", "n_finished", "status"]
+    matched = matched_rows(labelled, spec.matched, [m for m, *_ in METRICS])
+    rows = _insert_matched(rows, matched)
+    for metric, *_ in METRICS:
+        for col in (metric, f"{metric}_se"):
+            rows[col] = pd.to_numeric(rows.get(col, np.nan), errors="coerce").astype(float)
+        rows[f"{metric}_n"] = pd.to_numeric(rows.get(f"{metric}_n", 0), errors="coerce").fillna(0).astype(int)
+    for col in ("n_runs", "n_finished"):
+        rows[col] = rows[col].fillna(0).astype(int)
+    rows = _with_row_key(_mark_best(rows, spec))
+    columns = [ROW, "source", "family", "model", "variant", "setting", "extra", "row_kind", "scale", "n_runs",
+               "n_finished", "status", "sample_seeds", "train_seeds"]
     for metric in spec.metrics:
-        columns += [metric, f"{metric}_std", f"{metric}_best"]
-    return Table(spec, rows[columns].reset_index(drop=True), study)
+        columns += [metric, f"{metric}_se", f"{metric}_n", f"{metric}_best"]
+    rows = rows[columns].reset_index(drop=True)
+    return Table(spec, rows, study, _runs_frame([per_run, *(r for _, _, r in matched)], rows, spec.metrics))
