@@ -1,23 +1,75 @@
-"""The `mgbench` command: train, eval, study, report, ui, bench."""
+"""The `mgbench` command: train, eval, study, report, frontier, ui, dashboard, bench.
+
+Only the chosen command's module is imported (torch, pandas and MLflow load where a command needs them),
+so `mgbench --help`, `mgbench CMD --help` and one-line config errors return at once. Every error reads
+`mgbench CMD: error: ...` (argparse's own form, used for usage errors too; `mgbench: error:` before a
+command is known) and exits with status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import re
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
+from mgbench import __version__
 from mgbench.config import ConfigError
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent forms PyYAML (YAML 1.1) reads as text
+
+# name -> (module, parser factory, the line `mgbench --help` shows)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("mgbench.cli", "add_train_parser", "train (or resume) one run from a trainer config YAML"),
+    "eval": ("mgbench.evaluation.cli", "add_eval_parser",
+             "evaluate a run folder or checkpoint (FID, IS, ... / grid2d metrics)"),
+    "study": ("mgbench.study.cli", "add_study_parser", "run Optuna studies from a YAML spec (submitit + MLflow)"),
+    "report": ("mgbench.report.cli", "add_report_parser",
+               "render the paper's tables and figures from a study's MLflow runs"),
+    "frontier": ("mgbench.analysis.cli", "add_frontier_parser",
+                 "effective CFG scale of MG models and the quality gap at matched diversity"),
+    "ui": ("mgbench.ui", "add_ui_parser", "serve the MLflow UI and tracking API for a study's runs"),
+    "dashboard": ("mgbench.ui", "add_dashboard_parser", "serve optuna-dashboard for a study (needs optuna-dashboard)"),
+    "bench": ("mgbench.bench.cli", "add_bench_parser",
+              "measure MG vs CFG sampling, MG training cost and harness overhead"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that suggests the closest choice for a mistyped command or value ("did you mean ...")."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            raise argparse.ArgumentError(action, e.message + did_you_mean(str(value), action.choices or [])) from None
+
+
+def did_you_mean(word: str, options: Iterable[Any]) -> str:
+    """` (did you mean 'x'?)` for the option closest to `word`, or '' when none is close."""
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def print_error(prog: str, error: BaseException | str) -> int:
+    """Print `PROG: error: MESSAGE` (its first line) on stderr; returns 2, the exit status of usage errors."""
+    text = error.args[0] if isinstance(error, (LookupError, ValueError)) and error.args else error
+    lines = str(text).strip().splitlines() or [type(error).__name__]
+    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+    return 2
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set objective.w=1.5` pairs -> {dotted key: YAML-parsed value}."""
+    """`--set objective.w=1.5` pairs -> {dotted key: YAML-parsed value} (`1e-3` is a number, as in YAML 1.2)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected KEY=VALUE (e.g. objective.w=1.5)")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = float(value) if _NUMBER.fullmatch(value.strip()) else yaml.safe_load(value)
     return out
 
 
@@ -55,12 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mgbench", description="Model-guidance experiments: train, study, report.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train (or resume) one run from a trainer config YAML")
-    t.add_argument("config", help="trainer config YAML (see mgbench/configs/)")
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `train` sub-command to an argparse subparsers object."""
+    t = subparsers.add_parser("train", help=COMMANDS["train"][2], description=COMMANDS["train"][2])
+    t.add_argument("config", help="trainer config YAML (e.g. studies/base/grid2d.yaml; see studies/base/)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set objective.w=1.5 (repeatable)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -69,22 +119,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation hook")
     t.add_argument("--print-every", type=int, default=1, help="print every n-th logged window")
     t.set_defaults(func=cmd_train)
+    return t
 
-    from mgbench.analysis.cli import add_frontier_parser
-    from mgbench.bench.cli import add_bench_parser
-    from mgbench.evaluation.cli import add_eval_parser
-    from mgbench.report.cli import add_report_parser
-    from mgbench.study.cli import add_study_parser
-    from mgbench.ui import add_dashboard_parser, add_ui_parser
 
-    add_eval_parser(sub)
-    add_study_parser(sub)
-    add_report_parser(sub)
-    add_frontier_parser(sub)
-    add_ui_parser(sub)
-    add_dashboard_parser(sub)
-    add_bench_parser(sub)
+def build_parser(only: str | None = None) -> Parser:
+    """The `mgbench` parser: every command in full (only=None), or `only` in full and the others as names."""
+    p = Parser(prog="mgbench", description="Model-guidance experiments: train, study, report.")
+    p.add_argument("--version", action="version", version=f"mgbench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, factory, text) in COMMANDS.items():
+        if only is None or name == only:
+            getattr(importlib.import_module(module), factory)(sub)
+        else:
+            sub.add_parser(name, help=text)   # listed by --help; its module is not imported
+    _remember_parsers(p)
     return p
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub-)parser records itself as `_parser`, so errors after parsing name the deepest command."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _remember_parsers(child)
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command named in argv (the first word that is not an option), or ''."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _unknown_options(parser: argparse.ArgumentParser, extras: list[str]) -> None:
+    """Fail with the sub-command's own usage, suggesting the closest option to the first unknown one."""
+    options = [s for action in parser._actions for s in action.option_strings]
+    hint = did_you_mean(extras[0].split("=", 1)[0], options) if extras[0].startswith("-") else ""
+    parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extras = build_parser(_command_in(argv)).parse_known_args(argv)
+    if extras:
+        _unknown_options(args._parser, extras)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"mgbench: error: {e}", file=sys.stderr)
-        return 2
+        return print_error(args._parser.prog, e)
 
 
 if __name__ == "__main__":

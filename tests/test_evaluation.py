@@ -152,7 +152,7 @@ def test_missing_weights_fail_before_any_training_step(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mgbench: error: eval.inception_weights:") and "\n" not in err
+    assert err.startswith("mgbench train: error: eval.inception_weights:") and "\n" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
     cfg["eval"]["extractor"] = "classifier"      # digits' own classifier needs no file: no error up front
     from mgbench.config import train_config_from_dict

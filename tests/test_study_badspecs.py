@@ -264,7 +264,7 @@ def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, monkeypatch, capsys,
         assert rc == 2, (command, captured.out, captured.err)
         assert len(lines) == 1, (command, captured.err)
         msg = lines[0]
-        assert msg.startswith(f"error: {path}:{field}: "), (command, msg)  # the file, then the field
+        assert msg.startswith(f"mgbench study {command}: error: {path}:{field}: "), (command, msg)  # the file, then the field
         assert allowed in msg, (command, msg)  # what is allowed
         assert captured.out == ""
         # Nothing submitted: no out_dir (trials, submitit job folders, events), no Optuna storage
@@ -279,7 +279,7 @@ def test_parallelism_flag_zero_is_refused(tmp_path, monkeypatch, capsys):
     before = tree(tmp_path)
     assert mgbench_main(["study", "run", str(path), "--parallelism", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"error: {path}:parallelism: expected an integer >= 1, got 0"]
+    assert err == [f"mgbench study run: error: {path}:parallelism: expected an integer >= 1, got 0"]
     assert tree(tmp_path) == before
 
 
@@ -297,7 +297,7 @@ def test_real_mgbench_process_exits_2_with_one_line(tmp_path, case):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2, (command, res.stdout, res.stderr)
         (line,) = res.stderr.splitlines()
-        assert line.startswith(f"error: {path}:{field}: ") and allowed in line, line
+        assert line.startswith(f"mgbench study {command}: error: {path}:{field}: ") and allowed in line, line
         assert res.stdout == ""
         assert tree(tmp_path) == before
 

@@ -149,7 +149,7 @@ def test_cli_validate(tmp_path, capsys):
     bad = write_spec(tmp_path, GOOD + "parallelism: 0\n", "bad.yaml")
     assert study_main(["study", "validate", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {bad}:parallelism: expected an integer >= 1, got 0"
+    assert err == f"mgbench study validate: error: {bad}:parallelism: expected an integer >= 1, got 0"
 
 
 BUNDLES = textwrap.dedent("""

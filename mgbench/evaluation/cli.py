@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mgbench.config import ConfigError, TrainConfig, load_train_config, train_config_from_dict
 
@@ -41,8 +38,9 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate_checkpoint(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"mgbench eval: {e}", file=sys.stderr)
-        return 2
+        from mgbench.cli import print_error
+
+        return print_error("mgbench eval", e)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: every rank holds the same metrics; rank 0 reports
         return 0
     for k, v in metrics.items():
@@ -90,6 +88,8 @@ def load_run_config(state: dict[str, Any], run_dir: Path, overrides: list[str]) 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     """Load the EMA weights of a checkpoint into build_model(...) and run the evaluation hook once."""
+    import torch
+
     from mgbench.evaluation.hook import make_eval_hook
     from mgbench.trainer.checkpoint import load_checkpoint
     from mgbench.trainer.data import load_dataset

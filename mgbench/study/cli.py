@@ -11,8 +11,9 @@ from mgbench.config import ConfigError
 
 def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `study` with its sub-commands to an argparse subparsers object."""
-    p = subparsers.add_parser("study", help="run Optuna studies from a YAML spec (submitit + MLflow)")
-    sub = p.add_subparsers(dest="study_cmd", required=True)
+    p = subparsers.add_parser("study", help="run Optuna studies from a YAML spec (submitit + MLflow)",
+                              description="run Optuna studies from a YAML spec (submitit + MLflow)")
+    sub = p.add_subparsers(dest="study_cmd", required=True, metavar="COMMAND")
     for name, text in (("validate", "check a spec and every trial config it resolves to"),
                        ("run", "run (or resume) a study to the end"),
                        ("status", "show every trial: Optuna state, job, MLflow run"),
@@ -22,6 +23,10 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         s.add_argument("--out-dir", default=None, help="override the spec's out_dir")
         s.add_argument("--profile", default=None,
                        help="run on SLURM with this site profile (slurm/profiles/<name>.yaml or a file)")
+        if name != "status":
+            s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a base trainer config field, e.g. --set train.steps=100 (repeatable; "
+                                "recorded in out_dir/set.yaml: a rerun without --set reuses it)")
         if name in ("run", "resume"):
             s.add_argument("--detach", action="store_true", help="submit what fits and return (resume later)")
             s.add_argument("--parallelism", type=int, default=None, help="override the spec's parallelism")
@@ -36,7 +41,9 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_study_cli(args: argparse.Namespace) -> int:
     """Dispatch a parsed `study` command; a bad spec prints one line and returns 2."""
-    from mgbench.study.spec import load_spec
+    from mgbench.cli import parse_set, print_error
+    from mgbench.study.overrides import resolve_sets
+    from mgbench.study.spec import load_spec, spec_out_dir
 
     overrides: dict[str, Any] = {}
     if args.out_dir:
@@ -48,11 +55,11 @@ def run_study_cli(args: argparse.Namespace) -> int:
     try:
         if args.profile:
             overrides["executor"] = _with_profile(args.spec, args.profile)
-        spec = load_spec(args.spec, overrides)
+        sets = resolve_sets(parse_set(getattr(args, "set", [])), spec_out_dir(args.spec, overrides))
+        spec = load_spec(args.spec, overrides, sets)
         return _COMMANDS[args.study_cmd](spec, args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(f"mgbench study {args.study_cmd}", e)
 
 
 def _with_profile(path: str, profile: str) -> dict[str, Any]:
@@ -72,7 +79,14 @@ def _validate(spec: Any, args: argparse.Namespace) -> int:
 
     check_executor(spec)
     print(f"{spec.path}: ok ({spec.sampler.type}, {spec.n_trials} trials, executor {spec.executor.type})")
+    _print_sets(spec)
     return 0
+
+
+def _print_sets(spec: Any) -> None:
+    """One line naming the --set values applied to the base config (given, or recorded by an earlier run)."""
+    if spec.sets:
+        print("with --set " + " ".join(f"{k}={v}" for k, v in sorted(spec.sets.items())))
 
 
 def _run(spec: Any, args: argparse.Namespace) -> int:
@@ -81,6 +95,7 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
 
     if getattr(args, "dry_run", False):
         print(dry_run(spec))
+        _print_sets(spec)
         return 0
     from mgbench.study.executors import check_executor
     from mgbench.study.prepare import run_prepare
@@ -114,8 +129,10 @@ _COMMANDS = {"validate": _validate, "run": _run, "resume": _run, "status": _stat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m mgbench.study.cli study run FILE`) until the main CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="mgbench")
+    """Stand-alone entry (`python -m mgbench.study.cli study run FILE`); `mgbench study` is the same."""
+    from mgbench.cli import Parser
+
+    parser = Parser(prog="mgbench")
     add_study_parser(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -31,6 +31,7 @@ from mgbench.config import ConfigError
 from mgbench.study import runs
 from mgbench.study.executors import _pid_alive, check_executor, job_alive, job_ref, make_executor
 from mgbench.study.optuna_io import ask, open_study
+from mgbench.study.overrides import record_sets
 from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_RUN_ID, UA_STEP, UA_TRACKING_URI,
                                  config_hash, copy_run, find_source, tell_reused)
 from mgbench.study.spec import StudySpec, validate_trial
@@ -74,6 +75,7 @@ class Driver:
         self._locked = 0
         self._lock_warned = False
         with self._lock():  # another driver may be creating the same study, experiment and parent run
+            record_sets(spec)  # --set values: written by the first run, the same ones required of every rerun
             self.study = open_study(spec)
             self.mlflow = runs.client(spec)
             self.exp_id = runs.experiment_id(self.mlflow, spec)

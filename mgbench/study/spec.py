@@ -96,6 +96,7 @@ class StudySpec:
     eval_hook: str = "mgbench.evaluation:make_eval_hook"  # evaluation-hook factory (cfg -> hook) as module:attr
     report: list[str] = field(default_factory=list)  # `mgbench report` items rendered when the study ends (toy, fig2, table3, ...)
     reuse: bool = True             # a trial whose config another study of the same storage already trained copies its result
+    sets: dict[str, Any] = field(default_factory=dict)  # `--set` dotted trainer keys applied to base (recorded in out_dir)
     raw: dict[str, Any] = field(default_factory=dict)  # the spec as read (logged as an artifact)
 
     @property
@@ -126,8 +127,10 @@ _TOP_KEYS = {"name", "extends", "base", "space", "sampler", "n_trials", "objecti
              "report", "reuse"}
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
-    """Read, resolve and validate a study spec; `overrides` replace top-level keys (e.g. out_dir)."""
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
+              sets: dict[str, Any] | None = None) -> StudySpec:
+    """Read, resolve and validate a study spec; `overrides` replace top-level keys (e.g. out_dir), `sets`
+    dotted keys of the base trainer config (`--set train.steps=100`)."""
     path = Path(path)
     raw = load_yaml(path)
     raw.update(overrides or {})
@@ -140,6 +143,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
         raise ConfigError(f"{src}:name: expected a name of letters, digits, '_', '-', '.', got {name!r}")
     spec = StudySpec(name=name, path=src, base=_resolve_base(raw, path), space=_parse_space(raw.get("space"), src),
                      raw=copy.deepcopy(raw))
+    _apply_sets(spec, sets or {})
     spec.sampler = _parse_sampler(raw.get("sampler", "tpe"), src)
     spec.objective = from_dict(ObjectiveSpec, raw.get("objective"), f"{src}:objective")
     spec.pruning = _parse_pruning(raw.get("pruning", "none"), src)
@@ -152,7 +156,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     for key in ("entry", "eval_hook"):
         setattr(spec, key, _str_field(raw, key, src, getattr(spec, key)))
         _check_import(getattr(spec, key), key, src)
-    out = Path(_str_field(raw, "out_dir", src, f"runs/{name}")).expanduser().resolve()
+    out = Path(_out_dir(raw, src))
     spec.out_dir = str(out)
     from mgbench.study.prepare import default_cache_dir
 
@@ -169,8 +173,34 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     return spec
 
 
+def spec_out_dir(path: str | Path, overrides: dict[str, Any] | None = None) -> str:
+    """The study folder a spec resolves to, read before validation (where the study's records are)."""
+    raw = {**load_yaml(path), **(overrides or {})}
+    return _out_dir(raw, str(path))
+
+
+def _out_dir(raw: dict[str, Any], src: str) -> str:
+    return str(Path(_str_field(raw, "out_dir", src, f"runs/{raw.get('name')}")).expanduser().resolve())
+
+
+def _apply_sets(spec: StudySpec, sets: dict[str, Any]) -> None:
+    """Set `--set` dotted keys in the base config; a key the space searches would be overridden, so it is refused."""
+    searched = set(spec.space) | {k for p in spec.space.values() for b in (p.bundles or {}).values() for k in b}
+    for key, value in sets.items():
+        if key in searched:
+            raise ConfigError(f"{spec.path}:space.{key}: --set {key} is searched by the study's space, so it would "
+                              "be overridden (set keys of the base config only)")
+        try:
+            set_dotted(spec.base, key, copy.deepcopy(value))
+        except ConfigError as e:
+            raise ConfigError(f"{spec.path}:--set {e}") from None
+    spec.sets = copy.deepcopy(sets)
+
+
 def _check_import(value: str, key: str, src: str) -> None:
-    """`module:function` must import here, before any job would fail on it."""
+    """`module:function` must import here, before any job would fail on it (mgbench's own defaults always do)."""
+    if value in (StudySpec.entry, DEFAULT_EVAL_HOOK):
+        return  # importing the trainer loads torch: seconds that a one-line spec error should not wait for
     module, _, attr = value.partition(":")
     if not module or not attr:
         raise ConfigError(f"{src}:{key}: expected module:function, got {value!r}")
@@ -265,9 +295,11 @@ def _check_metric(spec: StudySpec, src: str) -> None:
 
 
 def _parse_report(items: Any, src: str) -> list[str]:
-    from mgbench.report.cli import CHOICES
-
     items = [items] if isinstance(items, str) else items
+    if items == []:
+        return []
+    from mgbench.report.cli import CHOICES  # pandas: loaded only for specs that render reports
+
     if not isinstance(items, list):
         raise ConfigError(f"{src}:report: expected a list of report items, got {items!r}")
     for item in items:
@@ -523,7 +555,8 @@ def validate_trial(spec: StudySpec, params: dict[str, Any], number: int = 0) -> 
         section = "space" if fld in params or bundled else "base"
         fld = f"{bundled[0]}.{fld}" if bundled and fld not in params else fld
         given = f" (trial {params})" if params else ""
-        raise ConfigError(f"{spec.path}:{section}.{fld}: {rest}{given}") from None
+        where = f"--set {fld}" if section == "base" and fld in spec.sets else f"{section}.{fld}"
+        raise ConfigError(f"{spec.path}:{where}: {rest}{given}") from None
 
 
 def validate_space(spec: StudySpec) -> None:
