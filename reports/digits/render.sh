@@ -1,15 +1,22 @@
 #!/bin/bash
-# Render the CPU-scale digits studies into reports/digits/: one table per paper table, DiT and SiT together.
-# Studies that have not run yet are left out. Run from the repository root after `mgbench study run ...`.
+# Render the CPU-scale digits studies into reports/digits/: one table per paper table, DiT and SiT together, and
+# the generated claims table (reports/claims.md). All digits studies share one MLflow store (runs/digits/mlflow.db);
+# studies that have not run yet are left out. Run from the repository root after `mgbench study run ...`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MGBENCH=${MGBENCH:-mgbench}
 OUT=reports/digits
-studies() {  # --study flags for the given studies/digits/<name>.yaml files whose runs exist
+STORE=runs/digits/mlflow.db
+if [ ! -f "$STORE" ]; then
+  echo "no $STORE: run the studies first, e.g. mgbench study run studies/digits/dit_table3_w.yaml" >&2
+  exit 2
+fi
+studies() {  # --study flags for the given studies/digits/<name>.yaml files that have runs in the store
   for s in "$@"; do
     name=$(sed -n 's/^name: //p' "studies/digits/$s.yaml")
-    out=$(sed -n 's/^out_dir: //p' "studies/digits/$s.yaml")
-    [ -f "${out:-runs/$name}/mlflow.db" ] && printf -- '--study studies/digits/%s.yaml ' "$s"
+    if python3 -c "import sqlite3,sys; c=sqlite3.connect('$STORE'); sys.exit(0 if c.execute('select 1 from experiments where name=?', ('$name',)).fetchone() else 1)"; then
+      printf -- '--study studies/digits/%s.yaml ' "$s"
+    fi
   done
   return 0
 }
@@ -30,3 +37,4 @@ render fig5 dit_table3_w sit_table3_w
 render table4 dit_table4_lambda sit_table4_lambda
 render table5 dit_table5_w_input sit_table5_w_input
 render table6 dit_table6_empty_class sit_table6_empty_class
+"$MGBENCH" report claims --claims reports/claims.yaml --out reports
