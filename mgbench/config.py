@@ -318,17 +318,63 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names one key twice (YAML would silently keep the last value)."""
+
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(f"{key}: duplicate key (first at line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a key given twice in one mapping is a DuplicateKeyError naming line and dotted key."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._checked: set[int] = set()
+        self._check_unique(node, "")
+        return super().construct_document(node)
+
+    def _check_unique(self, node: yaml.Node, where: str) -> None:
+        if id(node) in self._checked:
+            return  # an alias of a node already checked (anchors may even refer to themselves)
+        self._checked.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique(item, f"{where}[{i}]")
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are overridden on purpose
+            key = self.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            dotted = f"{where}.{key}" if where else str(key)
+            line = key_node.start_mark.line + 1
+            if key is not None and key in seen:
+                raise DuplicateKeyError(dotted, line, seen[key])
+            if key is not None:
+                seen[key] = line
+            self._check_unique(value_node, dotted)
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """Parse YAML text with unique keys; bad YAML or a duplicate key is a one-line ConfigError naming `path`."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.line}:{e.key}: duplicate key (first at line {e.first}; keep one)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad YAML or a key given twice is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    data = parse_yaml(path.read_text(), path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -51,7 +51,8 @@ def test_profile_drives_the_sbatch_script(tmp_path: Path) -> None:
     ("slurm_setup: module load cuda\n", r"site\.yaml:slurm_setup: "),
     ("gpus_per_node: 1\nslurm_cpus_per_gpu: 4\n", r"site\.yaml: \"cpus_per_gpu\" requires to set \"gpus_per_task\""),
     ("- slurm_partition\n", r"site\.yaml: expected a mapping"),
-    ("a: [1\n", r"site\.yaml: invalid YAML"),
+    ("a: [1\n", r"site\.yaml: line 2: invalid YAML"),
+    ("slurm_partition: gpu\nslurm_partition: cpu\n", r"site\.yaml:2:slurm_partition: duplicate key \(first at line 1"),
 ])
 def test_bad_profiles_fail_in_one_line(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:

@@ -19,7 +19,9 @@ from typing import Any
 import submitit
 
 from mgbench.config import ConfigError
+from mgbench.study.guards import time_limit_problem
 from mgbench.study.spec import StudySpec
+from mgbench.study.versions import check_unchanged
 
 GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
            "stderr_to_stdout")
@@ -90,7 +92,10 @@ def _load_profile(name: str, src: str) -> dict[str, Any]:
 
 
 def check_executor(spec: StudySpec) -> dict[str, Any]:
-    """Let submitit check every option (names and types); errors read `file:executor.<key>: ...`."""
+    """The gate of every command that may submit (validate, --dry-run, run, the driver): submitit checks every
+    option (names and types), errors read `file:executor.<key>: ...`; a SLURM time limit must outlast the USR2
+    delay, and the spec must be the one its study was first run with."""
+    check_unchanged(spec)
     params = executor_params(spec)
     raw_keys = {normalize({k: None}).popitem()[0]: k for k in spec.executor.options}
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,15 +109,25 @@ def check_executor(spec: StudySpec) -> dict[str, Any]:
                 raise ConfigError(f"{spec.path}:executor.{field}: {first}") from None
             problem = value_problem(key, value)
             if problem:
-                where = (f"executor.{raw_keys[key]}" if key in raw_keys
-                         else f"executor.profile: {key} (from profile {spec.executor.profile!r})")
-                raise ConfigError(f"{spec.path}:{where}: {problem}")
+                raise ConfigError(f"{spec.path}:{_where(spec, key, raw_keys)}: {problem}")
         if spec.executor.type == "slurm":
+            late = time_limit_problem(params)
+            if late:
+                raise ConfigError(f"{spec.path}:{_where(spec, late[0], raw_keys)}: {late[1]}")
             try:
                 sbatch_script(spec, params, None, Path(tmp))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{spec.path}:executor: {str(e).splitlines()[0]}") from None
     return params
+
+
+def _where(spec: StudySpec, key: str, raw_keys: dict[str, str]) -> str:
+    """The field an executor parameter came from: the spec's option, the profile, or mgbench's default."""
+    if key in raw_keys:
+        return f"executor.{raw_keys[key]}"
+    if spec.executor.profile:
+        return f"executor.profile: {key} (from profile {spec.executor.profile!r})"
+    return f"executor.{key} (default {SLURM_TIMEOUT_MIN})" if key == "timeout_min" else f"executor.{key}"
 
 
 def value_problem(key: str, value: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""Site profiles: YAML files of submitit AutoExecutor parameters, validated by submitit itself."""
+"""Site profiles: YAML files of submitit AutoExecutor parameters, validated by submitit itself (and by
+mgbench.study.guards: option names a shell cannot misread, no control characters, no key given twice)."""
 from __future__ import annotations
 
 import tempfile
@@ -6,9 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mgbench.config import ConfigError
+from mgbench.config import ConfigError, parse_yaml
+from mgbench.study.guards import check_option_keys, check_text
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"  # slurm/profiles/ in the repo
 
@@ -39,6 +39,8 @@ def _check(params: dict[str, Any], strict: bool) -> None:
 
 def validate_profile(params: dict[str, Any], where: str = "profile") -> None:
     """Raise ConfigError `where:key: ...` unless submitit accepts every key and the whole set."""
+    check_option_keys(params, f"{where}:")  # names reach the sbatch script unquoted
+    check_text(params, f"{where}:")         # a newline in a value ends its #SBATCH line: the rest runs as shell
     for key, value in params.items():
         if not isinstance(key, str):
             raise ConfigError(f"{where}:{key!r}: keys must be strings")
@@ -58,10 +60,7 @@ def load_profile(name_or_path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ConfigError(f"{path}: no such profile (known in {PROFILES_DIR}: {known})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {_first_line(err)}") from err
+    data = parse_yaml(path.read_text(), path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of submitit parameters, got {type(data).__name__}")
     validate_profile(data, where=str(path))
