@@ -97,7 +97,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         mlflow.set_experiment(args.experiment or cfg.name)
         run = mlflow.start_run(run_name=cfg.name, tags={T.TAG_ROLE: "train", T.TAG_OUT_DIR: cfg.out_dir})
         tracker = T.MlflowTracker(run.info.run_id, args.tracking_uri)
-    result = train(cfg, T.ConsoleTracker(tracker, every=args.print_every), hook)
+    from mgbench.trainer.progress import ConsoleProgress
+
+    print(f"train {cfg.name}: {cfg.train.steps} steps, out_dir {cfg.out_dir}", flush=True)
+    display = ConsoleProgress(every=args.print_every)   # a tqdm bar on a terminal, plain lines in a log
+    try:
+        result = train(cfg, tracker, hook, progress=display)
+    finally:
+        display.close()
     if run is not None:
         import mlflow
 
@@ -117,7 +124,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="log to MLflow at this URI (e.g. sqlite:///mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment (default: the config's name)")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation hook")
-    t.add_argument("--print-every", type=int, default=1, help="print every n-th logged window")
+    t.add_argument("--print-every", type=int, default=1,
+                   help="without a terminal: print a progress line every n-th logged window (train.log_every)")
     t.set_defaults(func=cmd_train)
     return t
 

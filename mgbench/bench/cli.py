@@ -1,4 +1,5 @@
-"""`mgbench bench`: measure the speed claims as ratios on this machine and write reports/benchmarks.md."""
+"""`mgbench bench`: measure the speed claims as ratios on this machine and write runs/bench/benchmarks.md
+(`--out reports/benchmarks.md` updates the committed one)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from mgbench.bench.timing import Section
 
-DEFAULT_OUT = "reports/benchmarks.md"
+DEFAULT_OUT = "runs/bench/benchmarks.md"   # the committed reports/benchmarks.md changes only when named by --out
 SECTION_ORDER = ("sampling", "training", "models", "harness", "report")  # = bench.markdown.SECTION_ORDER, torch-free
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from mgbench.config import ConfigError, TrainConfig, load_train_config, train_config_from_dict
+from mgbench.trainer.progress import ProgressFn, format_duration
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,14 +37,21 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate; 0 on success, 2 on a config/input error (one line on stderr)."""
+    from mgbench.trainer.progress import ConsoleProgress
+
+    display = ConsoleProgress(min_interval_s=10.0)   # a bar on a terminal; in a log, a line every 10 s and the last
+    started = time.perf_counter()
     try:
-        metrics = evaluate_checkpoint(args)
+        metrics = evaluate_checkpoint(args, display)
     except (ConfigError, FileNotFoundError) as e:
         from mgbench.cli import print_error
 
         return print_error("mgbench eval", e)
+    finally:
+        display.close()
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: every rank holds the same metrics; rank 0 reports
         return 0
+    print(f"evaluated in {format_duration(time.perf_counter() - started)}:")
     for k, v in metrics.items():
         print(f"{k} {v:.6g}")
     if args.json:
@@ -86,14 +95,15 @@ def load_run_config(state: dict[str, Any], run_dir: Path, overrides: list[str]) 
     return train_config_from_dict(data, f"{run_dir}/checkpoint config")
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
-    """Load the EMA weights of a checkpoint into build_model(...) and run the evaluation hook once."""
+def evaluate_checkpoint(args: argparse.Namespace, progress: ProgressFn | None = None) -> dict[str, float]:
+    """Load the EMA weights of a checkpoint into build_model(...) and run the evaluation hook once;
+    says what it evaluates before it starts and reports the samples drawn to `progress` (rank 0)."""
     import torch
 
     from mgbench.evaluation.hook import make_eval_hook
+    from mgbench.evaluation.progress import CountingContext, SampleCounter, planned_samples
     from mgbench.trainer.checkpoint import load_checkpoint
     from mgbench.trainer.data import load_dataset
-    from mgbench.trainer.hooks import EvalContext
     from mgbench.trainer.models import build_model
 
     ckpt, run_dir = find_checkpoint(args.path)
@@ -124,8 +134,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
                         w_input=cfg.model.w_input)
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
-    w = _trained_w(state, cfg)
-    ctx = EvalContext(cfg, model, int(state.get("step", 0)), w, device, data, str(run_dir), rank, world)
+    w, step = _trained_w(state, cfg), int(state.get("step", 0))
+    total = planned_samples(cfg, step)
+    counter = SampleCounter(total, progress if rank == 0 else None)
+    if rank == 0:
+        print(f"eval {ckpt} (step {step}, w={w:.4g}, {device.type}): {cfg.eval.n_samples} samples x "
+              f"{cfg.eval.sample_seeds} sample seed(s), {total} samples to draw in all", flush=True)
+    ctx = CountingContext(cfg, model, step, w, device, data, str(run_dir), rank, world, counted=counter.add)
     return make_eval_hook(cfg)(ctx)
 
 

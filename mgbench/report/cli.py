@@ -1,4 +1,7 @@
-"""`mgbench report WHAT --study NAME`: render tables and figures of a study's tracked runs into reports/<study>/."""
+"""`mgbench report WHAT --study NAME`: render tables and figures of a study's tracked runs into runs/<study>/report/.
+
+The committed reports/ change only when named (`--out reports/<study>`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +17,7 @@ TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
 FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_convergence", "fig6": "fig6_scaling"}
 EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
+CLAIMS_OUT = "runs/claims"   # `report claims` without --out (the committed verdicts: --out reports)
 CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all", "claims"]  # claims: verdicts of --claims FILE
 
 
@@ -28,11 +32,17 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "(e.g. Table 3's w rows and its AUTO row)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<study>; claims: reports)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<study>/report; claims: runs/claims; "
+                                               "name reports/... to update the committed ones)")
     p.add_argument("--claims", default="reports/claims.yaml",
                    help="claims: the file of declared comparisons (default: reports/claims.yaml)")
     p.set_defaults(func=run_report)
     return p
+
+
+def default_out(study: str) -> Path:
+    """Where a study's tables and figures go without --out: beside its runs, not the committed reports/."""
+    return Path("runs") / study / "report"
 
 
 def expand(what: str) -> list[str]:
@@ -93,7 +103,7 @@ def render(what: str, study: str | list[Source], tracking_uri: str | None = None
     several = len(sources) > 1
     if several and any(i in ("fig2", "toy", "frontier") for i in expand(what)):
         raise ValueError(f"{what}: the 2D-toy reports read one study; pass a single --study")
-    out_dir = Path(out) if out else Path("reports") / sources[0][0]
+    out_dir = Path(out) if out else default_out(sources[0][0])
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, run_uris = load_sources(sources)
     tracking_uri = run_uris if several else sources[0][1]
@@ -131,7 +141,7 @@ def run_report(args: argparse.Namespace) -> int:
         if args.what == "claims":
             from mgbench.report.claims_table import write_claims
 
-            paths = write_claims(args.claims, args.out or "reports", args.tracking_uri)
+            paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri)
             print("\n".join(map(str, paths)))
             return 0
         if not args.study:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,16 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="study_cmd", required=True, metavar="COMMAND")
     for name, text in (("validate", "check a spec and every trial config it resolves to"),
                        ("run", "run (or resume) a study to the end"),
-                       ("status", "show every trial: Optuna state, job, MLflow run"),
+                       ("status", "objective, best trial, each trial: state, progress, duration, job, MLflow run"),
                        ("resume", "reconcile a detached or killed study and finish it")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("spec", help="the study spec (studies/*.yaml)")
         s.add_argument("--out-dir", default=None, help="override the spec's out_dir")
         s.add_argument("--profile", default=None,
                        help="run on SLURM with this site profile (slurm/profiles/<name>.yaml or a file)")
+        s.add_argument("--new-version", action="store_true",
+                       help="a spec changed since the study first ran: use it as <name>-v2 in <out_dir>-v2 (the "
+                            "first version not run with another spec, so the same command finds it again)")
         if name != "status":
             s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base trainer config field, e.g. --set train.steps=100 (repeatable; "
@@ -30,6 +34,12 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         if name in ("run", "resume"):
             s.add_argument("--detach", action="store_true", help="submit what fits and return (resume later)")
             s.add_argument("--parallelism", type=int, default=None, help="override the spec's parallelism")
+            s.add_argument("--out", default=None, metavar="DIR",
+                           help="where the spec's report items render (default: <out_dir>/report; name "
+                                "reports/<study> to update the committed tables)")
+        if name == "status":
+            s.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
+                           help="repeat every SECONDS (default 10) until the study has ended; Ctrl-C stops")
         if name == "run":
             s.add_argument("--dry-run", action="store_true",
                            help="print the resolved trials (and the sbatch script for SLURM); submit nothing")
@@ -57,6 +67,14 @@ def run_study_cli(args: argparse.Namespace) -> int:
             overrides["executor"] = _with_profile(args.spec, args.profile)
         sets = resolve_sets(parse_set(getattr(args, "set", [])), spec_out_dir(args.spec, overrides))
         spec = load_spec(args.spec, overrides, sets)
+        if getattr(args, "new_version", False):
+            from mgbench.study.versions import new_version
+
+            versioned = new_version(spec, lambda extra: load_spec(args.spec, {**overrides, **extra}, sets))
+            if versioned is not spec:
+                print(f"the spec changed since study {spec.name} first ran: it runs as {versioned.name} "
+                      f"in {versioned.out_dir}")
+            spec = versioned
         return _COMMANDS[args.study_cmd](spec, args)
     except ConfigError as e:
         return print_error(f"mgbench study {args.study_cmd}", e)
@@ -90,11 +108,12 @@ def _print_sets(spec: Any) -> None:
 
 
 def _run(spec: Any, args: argparse.Namespace) -> int:
+    from mgbench.redact import mask_uri
     from mgbench.study.runner import run_study
     from mgbench.study.status import dry_run
 
     if getattr(args, "dry_run", False):
-        print(dry_run(spec))
+        print(mask_uri(dry_run(spec)))  # URIs as user:***@host
         _print_sets(spec)
         return 0
     from mgbench.study.executors import check_executor
@@ -102,7 +121,7 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
 
     check_executor(spec)  # a bad executor option is a one-line error before any job (the latents job too)
     run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
-    s = run_study(spec, wait=not args.detach)
+    s = run_study(spec, wait=not args.detach, echo=lambda line: print(mask_uri(line)))
     best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
     reused = f" ({s.n_reused} reused)" if s.n_reused else ""
     print(f"study {spec.name}: {s.n_complete} complete{reused}, {s.n_pruned} pruned, {s.n_failed} failed, "
@@ -110,19 +129,36 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
     if spec.report and s.n_running == 0 and s.n_complete > 0:
         from mgbench.report.cli import render
 
-        out = Path("reports") / spec.name
+        out = Path(args.out) if args.out else Path(spec.out_dir) / "report"   # committed reports/ only when named
         for item in spec.report:
             for path in render(item, spec.name, spec.tracking_uri, out):
                 print(f"report: {path}")
-    print(f"MLflow runs: experiment '{spec.name}' in {spec.tracking_uri} (browse: mgbench ui --study {spec.path})")
+    print(f"MLflow runs: experiment '{spec.name}' in {mask_uri(spec.tracking_uri)} "
+          f"(browse: mgbench ui --study {spec.path})")
     return 0 if s.n_failed == 0 else 1
 
 
 def _status(spec: Any, args: argparse.Namespace) -> int:
-    from mgbench.study.status import format_rows, status_rows
+    from mgbench.study.status import format_rows, status_header, status_rows
 
-    print(format_rows(status_rows(spec)))
-    return 0
+    while True:
+        rows = status_rows(spec)
+        if args.watch is not None and sys.stdout.isatty():
+            print("\033[H\033[J", end="")   # a terminal: redraw in place, as `watch` does
+        print("\n".join(status_header(spec, rows)))
+        print(format_rows(rows))
+        if args.watch is None or _ended(spec, rows):
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+        print()
+
+
+def _ended(spec: Any, rows: list[dict[str, Any]]) -> bool:
+    """Whether the study has nothing left to run: every trial asked and none running or waiting."""
+    return len(rows) >= spec.n_trials and not any(r["state"] in ("RUNNING", "WAITING") for r in rows)
 
 
 _COMMANDS = {"validate": _validate, "run": _run, "resume": _run, "status": _status}

@@ -36,12 +36,14 @@ from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_
                                  config_hash, copy_run, find_source, tell_reused)
 from mgbench.study.spec import StudySpec, validate_trial
 from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, TrialJob, read_json, trial_dir, write_json
+from mgbench.study.versions import record_spec
 
 EVENTS_FILE = "events.jsonl"  # driver timeline: one JSON line per submit / end / resubmit
 LOCK_FILE = ".driver.lock"    # in out_dir: drivers of one study ask, claim and set up one at a time
 DRIVERS_DIR = "drivers"       # in out_dir: one heartbeat file per running driver (<host>-<pid>)
 OWNER_ATTR = "mgbench:driver"  # Optuna trial system attr: the driver that owns the trial (host, pid, start, token)
 HEARTBEAT_STALE_S = 120.0     # a driver on another host counts as gone when its heartbeat is older (or 10 polls)
+PROGRESS_EVERY_S = 30.0       # the driver echoes each running trial's step/total and latest metric this often
 
 
 @dataclass
@@ -76,12 +78,15 @@ class Driver:
         self._lock_warned = False
         with self._lock():  # another driver may be creating the same study, experiment and parent run
             record_sets(spec)  # --set values: written by the first run, the same ones required of every rerun
+            record_spec(spec)  # the spec the study first ran with: a changed one is refused (--new-version)
             self.study = open_study(spec)
             self.mlflow = runs.client(spec)
             self.exp_id = runs.experiment_id(self.mlflow, spec)
             self.parent_id = runs.parent_run(self.mlflow, self.exp_id, spec)
         self.inflight: dict[int, InFlight] = {}
         self._executor: Any = None
+        self._progress_shown: dict[int, Any] = {}   # trial -> the step last echoed
+        self._progress_at = time.monotonic()
         self._heartbeat()
 
     # ------------------------------------------------------------------ the loop
@@ -100,6 +105,7 @@ class Driver:
             self._heartbeat()
             self.poll()
             self.fill()
+            self.show_progress()
         summary = self.summary()
         if wait and summary.n_running == 0:  # the last driver of the study closes the parent run
             runs.finish_parent(self.mlflow, self.parent_id, summary.n_complete, summary.best_value)
@@ -336,6 +342,21 @@ class Driver:
 
     def _n_asked(self) -> int:
         return len(self.study.get_trials(deepcopy=False))
+
+    def show_progress(self, force: bool = False) -> None:
+        """Every PROGRESS_EVERY_S, echo each running trial's step/total, rate, ETA and latest metric (from the
+        `progress.json` its trainer writes), when it moved since the last echo."""
+        if not force and time.monotonic() - self._progress_at < max(PROGRESS_EVERY_S, self.spec.poll_s):
+            return
+        from mgbench.study.status import progress_text
+        from mgbench.study.trial import PROGRESS_FILE
+
+        self._progress_at = time.monotonic()
+        for number in sorted(self.inflight):
+            progress = read_json(trial_dir(self.spec, number) / PROGRESS_FILE)
+            if progress and progress.get("step") != self._progress_shown.get(number):
+                self._progress_shown[number] = progress.get("step")
+                self.echo(f"[{self.spec.name}] trial {number}: {progress_text(progress, self.spec.objective.metric)}")
 
     def _event(self, kind: str, number: int, say: str | None = None, **data: Any) -> None:
         """Append to the events file and echo (`say`: the echoed text instead of the event and its data)."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mgbench.config import ConfigError, TrainConfig, from_dict, load_yaml, set_dotted, train_config_from_dict
+from mgbench.redact import mask_uri, redact
+from mgbench.study.guards import check_option_keys, check_text
 
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
@@ -97,7 +99,7 @@ class StudySpec:
     report: list[str] = field(default_factory=list)  # `mgbench report` items rendered when the study ends (toy, fig2, table3, ...)
     reuse: bool = True             # a trial whose config another study of the same storage already trained copies its result
     sets: dict[str, Any] = field(default_factory=dict)  # `--set` dotted trainer keys applied to base (recorded in out_dir)
-    raw: dict[str, Any] = field(default_factory=dict)  # the spec as read (logged as an artifact)
+    raw: dict[str, Any] = field(default_factory=dict)  # the spec as read, passwords masked (an MLflow artifact)
 
     @property
     def grid(self) -> dict[str, list[Any]]:
@@ -135,6 +137,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     raw = load_yaml(path)
     raw.update(overrides or {})
     src = str(path)
+    check_text(raw, f"{src}:")  # a newline in a value that reaches sbatch would run as shell code
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{src}:{unknown[0]}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
@@ -142,7 +145,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
         raise ConfigError(f"{src}:name: expected a name of letters, digits, '_', '-', '.', got {name!r}")
     spec = StudySpec(name=name, path=src, base=_resolve_base(raw, path), space=_parse_space(raw.get("space"), src),
-                     raw=copy.deepcopy(raw))
+                     raw=redact(copy.deepcopy(raw)))
     _apply_sets(spec, sets or {})
     spec.sampler = _parse_sampler(raw.get("sampler", "tpe"), src)
     spec.objective = from_dict(ObjectiveSpec, raw.get("objective"), f"{src}:objective")
@@ -187,6 +190,7 @@ def _apply_sets(spec: StudySpec, sets: dict[str, Any]) -> None:
     """Set `--set` dotted keys in the base config; a key the space searches would be overridden, so it is refused."""
     searched = set(spec.space) | {k for p in spec.space.values() for b in (p.bundles or {}).values() for k in b}
     for key, value in sets.items():
+        check_text(value, f"{spec.path}:--set {key}")
         if key in searched:
             raise ConfigError(f"{spec.path}:space.{key}: --set {key} is searched by the study's space, so it would "
                               "be overridden (set keys of the base config only)")
@@ -223,7 +227,7 @@ def _check_uris(spec: StudySpec, src: str) -> None:
     scheme = spec.storage.split("://", 1)[0]
     if scheme.split("+", 1)[0] not in STORAGE_SCHEMES:
         raise ConfigError(f"{src}:storage: scheme {scheme!r} is not one of sqlite:///, journal:///, postgresql://, "
-                          f"mysql:// (got {spec.storage!r})")
+                          f"mysql:// (got {mask_uri(spec.storage)!r})")
     if scheme == "sqlite":
         _check_db_file(spec.storage, "sqlite:///", spec.out_dir, f"{src}:storage")
     elif scheme == "journal":
@@ -236,11 +240,11 @@ def _check_uris(spec: StudySpec, src: str) -> None:
     scheme = m.group(1)
     if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
         raise ConfigError(f"{src}:tracking_uri: scheme {scheme!r} is not one of {', '.join(TRACKING_SCHEMES)} "
-                          f"(got {uri!r})")
+                          f"(got {mask_uri(uri)!r})")
     if scheme == "sqlite":
         _check_db_file(uri, "sqlite:///", spec.out_dir, f"{src}:tracking_uri")
     elif scheme in ("http", "https") and not re.match(r"https?://[^/:]+", uri):
-        raise ConfigError(f"{src}:tracking_uri: expected http(s)://host[:port], got {uri!r}")
+        raise ConfigError(f"{src}:tracking_uri: expected http(s)://host[:port], got {mask_uri(uri)!r}")
 
 
 def _check_db_file(uri: str, prefix: str, out_dir: str, where: str) -> None:
@@ -321,6 +325,7 @@ def _resolve_base(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}:extends: the spec extends itself; extends takes a trainer config "
                               "(e.g. base/grid2d.yaml)")
         base = load_yaml(target)
+        check_text(base, f"{target}:")
         study_keys = sorted(set(base) & (_TOP_KEYS - set(TrainConfig.__dataclass_fields__)))
         if study_keys:
             raise ConfigError(f"{path}:extends: {str(target)!r} is a study spec (it has `{study_keys[0]}`), not a "
@@ -450,6 +455,7 @@ def _parse_executor(value: Any, src: str) -> ExecutorSpec:
     if not isinstance(value, dict):
         raise ConfigError(f"{src}:executor: expected local | debug | slurm or a mapping, got {value!r}")
     opts = dict(value)
+    check_option_keys(opts, f"{src}:executor")  # option names reach the sbatch script unquoted
     kind = opts.pop("type", "local")
     if kind not in EXECUTORS:
         raise ConfigError(f"{src}:executor.type: {kind!r} is not one of {', '.join(EXECUTORS)}")
@@ -470,7 +476,8 @@ def _check_choices(spec: StudySpec, src: str) -> None:
             raise ConfigError(f"{src}:space: the grid sampler needs at least one `grid: [...]` entry")
     scheme = spec.storage.split("://", 1)[0]
     if "://" not in spec.storage:
-        raise ConfigError(f"{src}:storage: expected a URI (sqlite:///..., journal:///path, postgresql://...), got {spec.storage!r}")
+        raise ConfigError(f"{src}:storage: expected a URI (sqlite:///..., journal:///path, postgresql://...), "
+                          f"got {mask_uri(spec.storage)!r}")
     if scheme == "journal" and not spec.storage[len("journal://"):].startswith("/"):
         raise ConfigError(f"{src}:storage: journal needs an absolute path (journal:///abs/path.log)")
 
@@ -560,7 +567,20 @@ def validate_trial(spec: StudySpec, params: dict[str, Any], number: int = 0) -> 
 
 
 def validate_space(spec: StudySpec) -> None:
-    """Validate the base config and every grid point (or the corners of the ranges)."""
-    points = grid_points(spec) if spec.sampler.type == "grid" else corner_points(spec)
-    for params in points:
-        validate_trial(spec, params)
+    """Validate the base config and every grid point (or the corners of the ranges); two grid points with one
+    trial config would train the same thing twice, so they are an error naming the keys they differ in."""
+    grid = spec.sampler.type == "grid"
+    points = grid_points(spec) if grid else corner_points(spec)
+    indices = list(itertools.product(*(range(len(v)) for v in spec.grid.values()))) if grid else []
+    seen: dict[str, int] = {}
+    for n, params in enumerate(points):
+        config = json.dumps(validate_trial(spec, params).to_dict(), sort_keys=True, default=str)
+        m = seen.setdefault(config, n)
+        if grid and m != n:
+            differ = [k for k, i, j in zip(spec.grid, indices[m], indices[n]) if i != j]
+            raise ConfigError(f"{spec.path}:space.{differ[0]}: grid points {_point(points[m])} and {_point(params)} "
+                              "give the same trial config (it would train twice; keep one value)")
+
+
+def _point(params: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {json.dumps(v, default=str)}" for k, v in params.items()) + "}"

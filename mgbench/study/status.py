@@ -1,13 +1,15 @@
 """What a study looks like now (`mgbench study status`), and what it would run (`--dry-run`)."""
 from __future__ import annotations
 
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from mgbench.study.executors import check_executor, job_alive, sbatch_script
 from mgbench.study.reuse import UA_REUSED_FROM
 from mgbench.study.spec import StudySpec, corner_points, grid_points
-from mgbench.study.trial import RESULT_FILE, list_trials, read_json, trial_dir
+from mgbench.study.trial import PROGRESS_FILE, RESULT_FILE, list_trials, read_json, trial_dir
 from mgbench.tracking import TAG_STATUS, trial_run_name
 
 
@@ -38,12 +40,71 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
         if ref is not None:
             alive = t is not None and t.state == TrialState.RUNNING and job_alive(ref)
             job_state = f"{ref['job_id']} ({'alive' if alive else 'ended'})"
+        progress = read_json(trial_dir(spec, number) / PROGRESS_FILE) or {}
         rows.append({"trial": number, "state": state, "value": t.value if t is not None else None,
                      "params": trial_run_name(spec.settings(rec.get("params") or (t.params if t else {}))),
-                     "job": job_state, "result": result.get("status", "-"), "step": result.get("step"),
+                     "progress": _steps(progress, result, rec),
+                     "latest": latest_metric(progress, spec.objective.metric),
+                     "duration": _duration(t), "job": job_state, "result": result.get("status", "-"),
                      "reused": _reused_label(t.user_attrs.get(UA_REUSED_FROM) if t is not None else None),
                      "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
     return rows
+
+
+def _steps(progress: dict[str, Any], result: dict[str, Any], rec: dict[str, Any]) -> str:
+    """`step/total` from the trainer's latest report, else from the result and the trial's config."""
+    total = progress.get("total") or (rec.get("config") or {}).get("train", {}).get("steps")
+    step = progress.get("step") if progress else result.get("step")
+    return "-" if step is None else f"{step}/{total if total is not None else '?'}"
+
+
+def latest_metric(progress: dict[str, Any], metric: str) -> str:
+    """The latest evaluation's objective metric (`off_class=0.12@60`: value at step 60), else the latest loss."""
+    ev = progress.get("eval") or {}
+    value = (ev.get("metrics") or {}).get(metric)
+    if value is not None:
+        return f"{metric}={value:.4g}@{ev.get('step')}"
+    if progress.get("loss") is not None:
+        return f"loss={progress['loss']:.4g}"
+    return "-"
+
+
+def progress_text(progress: dict[str, Any], metric: str) -> str:
+    """A running trial's progress in one line: `step 1200/3000 (40%)  9.8 steps/s  ETA 3m04s  off_class=0.12@1000`."""
+    from mgbench.trainer.progress import format_duration, format_rate
+
+    step, total = progress.get("step", 0), progress.get("total") or 0
+    pct = 100.0 * step / total if total else 100.0
+    return "  ".join([f"step {step}/{total} ({pct:.0f}%)", format_rate(progress.get("steps_per_s"), "step"),
+                      f"ETA {format_duration(progress.get('eta_s'))}", latest_metric(progress, metric)])
+
+
+def _duration(t: Any, now: float | None = None) -> str:
+    """Optuna's start to end of the trial (still running: to now), as `3m04s`."""
+    from mgbench.trainer.progress import format_duration
+
+    if t is None or t.datetime_start is None:
+        return "-"
+    end = t.datetime_complete.timestamp() if t.datetime_complete is not None else (now or time.time())
+    return format_duration(end - t.datetime_start.timestamp())
+
+
+def status_header(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
+    """The lines above the table: objective metric and direction, trial counts by state, the best trial so far."""
+    o = spec.objective
+    better = "lower" if o.direction == "minimize" else "higher"
+    counts = Counter(r["state"] for r in rows)
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "none yet"
+    lines = [f"study {spec.name}: objective {o.metric}, {o.direction} ({better} is better); "
+             f"{len(rows)} of {spec.n_trials} trials: {states}"]
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    if done:
+        best = (min if o.direction == "minimize" else max)(done, key=lambda r: r["value"])
+        lines.append(f"best so far: trial {best['trial']}  {o.metric}={best['value']:.4g}  {best['params']}"
+                     f"  ({best['duration']})")
+    else:
+        lines.append("best so far: none (no trial has completed)")
+    return lines
 
 
 def _reused_label(source: str | None) -> str:

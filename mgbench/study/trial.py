@@ -17,6 +17,7 @@ from typing import Any, Callable
 import submitit
 
 from mgbench.config import train_config_from_dict
+from mgbench.redact import redact
 from mgbench.study.spec import StudySpec
 from mgbench.tracking import STATUS_TO_MLFLOW, TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
 
@@ -24,6 +25,7 @@ TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow
 RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metrics, step, error
 TAG_ERROR = "mgbench.error"   # a failed trial's error (first 5000 characters); the traceback is the artifact below
 A_ERROR = "error.txt"         # artifact of a failed trial: its error and traceback
+PROGRESS_FILE = "progress.json"  # the trainer's latest report: step, total, rate, ETA, loss, last evaluation
 
 
 def trial_dir(spec: StudySpec, number: int) -> Path:
@@ -32,10 +34,11 @@ def trial_dir(spec: StudySpec, number: int) -> Path:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (write a sibling, then rename), so readers never see half a file."""
+    """Write JSON atomically (write a sibling, then rename), so readers never see half a file; URI passwords
+    (storage, tracking URI, an error that quotes one) are masked: the job reads its URIs from the spec."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
 
 
@@ -145,6 +148,74 @@ def local_threads(spec: StudySpec, cpus: int | None = None, env: dict[str, str] 
     return max(1, cpus // max(1, spec.parallelism))
 
 
+def slurm_threads(env: dict[str, str] | None = None) -> int | None:
+    """Torch threads for a task of a SLURM job: its CPUs (SLURM_CPUS_PER_TASK, from cpus_per_task), else the
+    job's CPUs on the node shared by its tasks there; with task/none nothing else stops a task from using every
+    core of the node. None: outside SLURM, or the user set OMP_NUM_THREADS."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID") or env.get("OMP_NUM_THREADS"):
+        return None
+    per_task = _leading_int(env.get("SLURM_CPUS_PER_TASK"))
+    if per_task:
+        return per_task
+    on_node = _leading_int(env.get("SLURM_JOB_CPUS_PER_NODE"))  # "8", "8(x2)" or "8,4": this node comes first
+    tasks = _leading_int(env.get("SLURM_NTASKS_PER_NODE")) or _leading_int(env.get("SLURM_TASKS_PER_NODE")) or 1
+    return max(1, on_node // tasks) if on_node else None
+
+
+def trial_threads(spec: StudySpec, env: dict[str, str] | None = None) -> int | None:
+    """Torch threads for the trial in this process (local: a share of the machine; SLURM: the job's CPUs)."""
+    if spec.executor.type == "slurm":
+        return slurm_threads(env)
+    return local_threads(spec, env=env)
+
+
+def _leading_int(text: str | None) -> int | None:
+    digits = ""
+    for ch in text or "":
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+class TrialProgress:
+    """The trainer's progress callback in a trial: a plain line in the job's log and `progress.json` beside
+    `trial.json` (what `study run` and `study status` show for a running trial)."""
+
+    def __init__(self, folder: Path) -> None:
+        from mgbench.trainer.progress import ConsoleProgress
+
+        self.path = folder / PROGRESS_FILE
+        self.lines = ConsoleProgress(bar=False)   # a job log is a file: plain lines, never a bar
+        self.loss: float | None = None
+        self.eval: dict[str, Any] = {}
+        self.started_at = time.time()
+
+    def __call__(self, p: Any) -> None:
+        from mgbench.trainer.progress import shown_values
+
+        self.lines(p)
+        if p.kind == "eval":
+            self.eval = {"step": p.done, "metrics": shown_values(p.values)}
+        elif "loss" in p.values:
+            self.loss = float(p.values["loss"])
+        write_json(self.path, {"step": p.done, "total": p.total, "steps_per_s": p.rate, "eta_s": p.eta_s,
+                               "loss": self.loss, "eval": self.eval, "job_started_at": self.started_at,
+                               "updated_at": time.time(), "pid": os.getpid()})
+
+
+def _accepts_progress(train: Callable[..., Any]) -> bool:
+    """Whether a trainer entry takes `progress=` (stand-ins such as sleep_train need not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(train).parameters
+    except (TypeError, ValueError):
+        return False
+    return "progress" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 class TrialJob(submitit.helpers.Checkpointable):
     """Trains one trial from its `trial.json`; rerunning it resumes the same trial, run and folder."""
 
@@ -160,7 +231,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         folder = trial_dir(self.spec, self.number)
         rec = read_trial(folder)
         rank = _export_distributed()
-        threads = local_threads(self.spec)
+        threads = trial_threads(self.spec)
         if threads is not None:
             import torch
 
@@ -186,8 +257,9 @@ class TrialJob(submitit.helpers.Checkpointable):
         cfg = train_config_from_dict(rec["config"], f"{rec['out_dir']}/{TRIAL_FILE}")
         hook = PruningHook(make_inner_hook(self.spec, cfg), self.spec, rec["trial_id"])
         train = load_entry(self.spec.entry)
+        extra = {"progress": TrialProgress(trial_dir(self.spec, self.number))} if _accepts_progress(train) else {}
         try:
-            res = train(cfg, tracker=tracker, eval_hook=hook)
+            res = train(cfg, tracker=tracker, eval_hook=hook, **extra)
         except optuna.TrialPruned as e:
             return {"status": "pruned", "value": None, "metrics": {}, "step": None, "error": str(e)}
         metrics = {k: float(v) for k, v in (res.metrics or {}).items()}

@@ -27,6 +27,7 @@ from mgbench.trainer.hooks import EvalContext, EvalHook
 from mgbench.trainer.models import build_model
 from mgbench.trainer.objective import Objective, implied_cfg_scale
 from mgbench.trainer.outputs import model_cost, write_samples
+from mgbench.trainer.progress import Progress, ProgressFn
 
 # Fields that may change between invocations on the same run folder (everything else must match).
 RESUMABLE_CHANGES = ("train.steps", "train.max_steps_per_run", "train.eval_every", "train.log_every",
@@ -50,8 +51,10 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of this invocation, every step
 
 
-def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHook | None = None) -> TrainResult:
-    """Train (or resume) the run described by `cfg`; logs through `tracker`, evaluates through `eval_hook`."""
+def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHook | None = None,
+          progress: ProgressFn | None = None) -> TrainResult:
+    """Train (or resume) the run described by `cfg`; logs through `tracker`, evaluates through `eval_hook`,
+    reports step/total, rate and values to `progress` (rank 0; every logged window and evaluation)."""
     cfg.validate()
     tracker = tracker or T.NullTracker()
     tc, oc = cfg.train, cfg.objective
@@ -131,9 +134,14 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
         pending.clear()
         D.barrier(env)
 
+    def report(kind: str, values: dict[str, float]) -> None:
+        if progress is not None and rank == 0:
+            progress(Progress(step, tc.steps, start_step, time.perf_counter() - started, "step", kind, values))
+
     pending: list[tuple[dict[str, float], int]] = []
     losses: list[tuple[int, float]] = []
     done_here, B = 0, cfg.optim.batch_size
+    start_step, started = step, time.perf_counter()
     model.train()
     while step < tc.steps:
         t0 = time.perf_counter()
@@ -169,6 +177,7 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
                              T.M_EMA_DECAY: ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup),
                              T.M_IMPLIED_CFG: implied_cfg_scale(w_now - 1 if oc.w_range is None else oc.mean_g,
                                                                 oc.mg_fraction, cfg.model.w_input)}, step))
+            report("train", {"loss": window["loss"] / n} | ({"w": w_now} if autow is not None else {}))
             window = {"loss": 0.0, "mg": 0.0, "n": 0, "time": 0.0}
 
         # Evaluate (and move automatic w).
@@ -176,6 +185,7 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
             last_eval = evaluate()
             decision = autow.update(step, last_eval, teacher_decay()) if autow is not None else {}
             pending.append((T.tracked_eval(last_eval) | decision, step))
+            report("eval", last_eval)
             model.train()
 
         # Save state checkpoint.
