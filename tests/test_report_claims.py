@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from mgbench.report.claims_table import BEGIN, END
 import yaml
 from scipy import stats as st
 from scipy.special import gammaln
@@ -229,6 +231,31 @@ def test_cli_writes_table_and_csv(specs, tmp_path, monkeypatch, capsys):
     assert csv["verdict"].tolist()[0] == HOLDS and csv.loc[1, "verdict"].startswith("not measured")
     first = md
     assert args.func(args) == 0 and (tmp_path / "out" / "claims.md").read_text() == first   # same runs, same bytes
+
+
+def test_cli_puts_the_table_into_a_document_between_its_markers(specs, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump({"claims": [_claim(specs, _w(1.5), _w(1.0))]}))
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# Reports\n\nintro\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", "claims", "--claims", str(path), "--out", str(tmp_path / "out"),
+                              "--into", str(doc)])
+    assert args.func(args) == 0
+    text = doc.read_text()
+    table = (tmp_path / "out" / "claims.md").read_text()
+    assert text.startswith("# Reports\n\nintro\n") and text.endswith(f"{END}\n\nafter\n")
+    assert "old table" not in text and "| **holds** | 7.24 vs 9.66 |" in text
+    assert table.split("\n", 2)[2].strip() in text and table.splitlines()[0] not in text   # body, not its title
+    assert args.func(args) == 0 and doc.read_text() == text                                   # idempotent
+    doc.write_text("no markers\n")
+    (tmp_path / "out" / "claims.md").unlink()
+    assert args.func(args) == 2 and doc.read_text() == "no markers\n"
+    assert not (tmp_path / "out" / "claims.md").exists()                                     # nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mgbench report: error: ") and str(doc) in err[0]
 
 
 def test_repo_claims_file_is_valid(monkeypatch):

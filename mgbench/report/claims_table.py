@@ -97,12 +97,31 @@ def to_frame(results: list[Result]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_claims(claims_file: str | Path, out: str | Path, tracking_uri: str | None = None) -> list[Path]:
-    """Evaluate a claims file and write out/claims.md and out/claims.csv; returns the paths."""
+BEGIN, END = "<!-- mgbench report claims: begin -->", "<!-- mgbench report claims: end -->"
+
+
+def write_claims(claims_file: str | Path, out: str | Path, tracking_uri: str | None = None,
+                 into: str | Path | None = None) -> list[Path]:
+    """Evaluate a claims file and write out/claims.md and out/claims.csv (and the table into `into`); the paths."""
     results = evaluate_claims(load_claims(claims_file), tracking_uri)
+    text = to_markdown(results, str(claims_file))
+    if into is not None:   # checked before anything is written
+        document = splice(Path(into).read_text(encoding="utf-8"), text, str(into))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md, csv = out / "claims.md", out / "claims.csv"
-    md.write_text(to_markdown(results, str(claims_file)), encoding="utf-8")
+    md.write_text(text, encoding="utf-8")
     csv.write_text(to_frame(results).to_csv(index=False, float_format="%.6g", lineterminator="\n"), encoding="utf-8")
-    return [md, csv]
+    if into is None:
+        return [md, csv]
+    Path(into).write_text(document, encoding="utf-8")
+    return [md, csv, Path(into)]
+
+
+def splice(document: str, table: str, where: str) -> str:
+    """`document` with the text between the BEGIN and END marker lines replaced by `table` (its title dropped)."""
+    if document.count(BEGIN) != 1 or document.count(END) != 1 or document.index(BEGIN) > document.index(END):
+        raise ValueError(f"{where}: needs one line {BEGIN!r} and, after it, one line {END!r} around the claims table")
+    body = table.split("\n", 2)[2] if table.startswith("# ") else table   # the document has its own heading
+    head, rest = document.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{body.strip()}\n{END}{rest.split(END, 1)[1]}"

@@ -34,6 +34,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<study>/report; claims: runs/claims; "
                                                "name reports/... to update the committed ones)")
+    p.add_argument("--into", default=None, metavar="FILE",
+                   help="claims: also put the table into FILE between its '<!-- mgbench report claims: begin/end -->' "
+                        "lines (e.g. reports/README.md)")
     p.add_argument("--claims", default="reports/claims.yaml",
                    help="claims: the file of declared comparisons (default: reports/claims.yaml)")
     p.set_defaults(func=run_report)
@@ -141,7 +144,7 @@ def run_report(args: argparse.Namespace) -> int:
         if args.what == "claims":
             from mgbench.report.claims_table import write_claims
 
-            paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri)
+            paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri, into=args.into)
             print("\n".join(map(str, paths)))
             return 0
         if not args.study:
@@ -151,12 +154,10 @@ def run_report(args: argparse.Namespace) -> int:
 
         require_runs(sources, args.study)   # no runs: one line naming `mgbench study run SPEC`; creates no store or folder
         paths = render(args.what, sources, out=args.out)
-    except ConfigError as e:
-        print(f"mgbench report: {e}", file=sys.stderr)
-        return 2
-    except (LookupError, ValueError) as e:
-        print(f"mgbench report: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except (ConfigError, LookupError, ValueError) as e:
+        from mgbench.cli import print_error
+
+        return print_error("mgbench report", e)
     for path in paths:
         print(path)
     return 0
