@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from mgbench.report.claims_table import BEGIN, END
 import yaml
 from scipy import stats as st
 from scipy.special import gammaln
@@ -17,6 +15,7 @@ from scipy.special import gammaln
 from mgbench import tracking as T
 from mgbench.config import ConfigError
 from mgbench.report.claims import evaluate_claims, load_claims
+from mgbench.report.claims_table import BEGIN, END
 from mgbench.report.cli import add_report_parser
 from mgbench.report.stats import FAILS, HOLDS, UNRESOLVED, run_value
 from mgbench.report.synthetic import log_trial, start_study, trial_params
