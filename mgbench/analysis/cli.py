@@ -1,4 +1,4 @@
-"""`mgbench frontier --study SPEC|NAME`: MG against CFG at matched diversity, into reports/<study>/frontier.*."""
+"""`mgbench frontier --study SPEC|NAME`: MG against CFG at matched diversity, into runs/<study>/report/frontier.* (or --out)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,7 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
                         "(the MLflow experiment at --tracking-uri)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<study>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<study>/report; the committed ones: --out reports/...)")
     p.add_argument("--quality", choices=sorted(QUALITY_METRICS), default=None,
                    help="quality axis (default: off_support for grid2d, fid for images)")
     p.add_argument("--diversity", choices=sorted(DIVERSITY_METRICS), default=None,

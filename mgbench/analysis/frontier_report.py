@@ -1,4 +1,4 @@
-"""Tracked runs -> frontier points -> `reports/<study>/frontier.{md,csv,png,pdf}` (and s* over steps).
+"""Tracked runs -> frontier points -> `runs/<study>/report/frontier.{md,csv,png,pdf}` (and s* over steps).
 
 Reads the tidy frame of `mgbench.report.load.load_runs` (one row per trial run, tracked names as
 columns): vanilla trials give CFG points from the sweep metrics (`tracking.M_SWEEP`; plus their own
@@ -268,7 +268,7 @@ def write_frontier(points: pd.DataFrame, out_dir: str | Path, quality: str, dive
 def render_frontier(study: str, tracking_uri: str | None = None, out: str | Path | None = None,
                     quality: str | None = None, diversity: str | None = None, level: float = 0.9,
                     n_boot: int = 2000, history: bool = False, runs: pd.DataFrame | None = None) -> list[Path]:
-    """Load a study's trial runs from MLflow and write `reports/<study>/frontier.*`."""
+    """Load a study's trial runs from MLflow and write `<out>/frontier.*` (default runs/<study>/report)."""
     if runs is None:
         from mgbench.report.load import load_runs
 
@@ -278,5 +278,5 @@ def render_frontier(study: str, tracking_uri: str | None = None, out: str | Path
     quality, diversity = quality or dq, diversity or dd
     points = points_from_history(tracking_uri, runs, quality, diversity) if history \
         else points_from_runs(runs, quality, diversity)
-    return write_frontier(points, Path(out) if out else Path("reports") / study, quality, diversity, level, n_boot)
+    return write_frontier(points, Path(out) if out else Path("runs") / study / "report", quality, diversity, level, n_boot)
 
