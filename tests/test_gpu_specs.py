@@ -66,13 +66,12 @@ def test_a_missing_site_variable_is_a_one_line_error(site):
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
 def test_mg_starts_after_the_authors_warm_up(spec, site, monkeypatch):
-    """MG trials train plainly for 100K steps (the authors' --start-step, EMA 0.9999) except auto-w, which starts at w = 1."""
+    """MG trials train plainly for 100K steps (the authors' --start-step, EMA 0.9999); auto-w decides only after it."""
     from mgbench.study.spec import grid_points, load_spec, validate_trial
 
     for key, value in site.items():
         monkeypatch.setenv(key, value)
     s = load_spec(spec)
     cfgs = [validate_trial(s, p, i) for i, p in enumerate(grid_points(s))]
-    expected = 0 if spec.stem.endswith("table3_auto") else 100000
-    assert {c.objective.start_step for c in cfgs} == {expected}
+    assert {c.objective.start_step for c in cfgs} == {100000}
     assert {(c.optim.ema_decay, c.optim.ema_warmup) for c in cfgs} == {(0.9999, False)}
