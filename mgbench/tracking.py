@@ -221,29 +221,3 @@ class MlflowTracker:
 def _param_str(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
-
-
-class ConsoleTracker:
-    """Prints step metrics as they reach the tracker, and passes everything on to `inner`."""
-
-    def __init__(self, inner: Tracker | None = None, every: int = 1) -> None:
-        self.inner = inner or NullTracker()
-        self.every = max(1, every)
-        self._count = 0
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.inner.log_params(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if M_LOSS in metrics or any(k.startswith("eval/") for k in metrics):
-            self._count += 1
-            if self._count % self.every == 0 or any(k.startswith("eval/") for k in metrics):
-                shown = " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in metrics.items())
-                print(f"step {step:>7d}  {shown}", flush=True)
-        self.inner.log_metrics(metrics, step)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.inner.log_artifact(path, artifact_path)
-
-    def flush(self) -> None:
-        self.inner.flush()
