@@ -203,10 +203,10 @@ def markdown(title: str, table: pd.DataFrame, comps: list[dict[str, Any]], w_sta
     for r in table.to_dict("records"):
         cells = [_pm(r[m], r[f"{m}_se"]) for m in (*METRICS, "img_per_s")]
         lines.append(f"| {r['setting']} | {r['steps']} | {r['nfe']} | {r['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "| Comparison (FID, A - B) | 95% CI | verdict: A better | IMG/S A / B |", "|---|---|---|---:|"]
+    lines += ["", "| A | B | FID A - B | 95% CI | A better than B? | IMG/S A / B |", "|---|---|---:|---|---|---:|"]
     for c in comps:
-        lines.append(f"| {c['a']} vs {c['b']}: {c['diff']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}]"
-                     f"{' paired' if c['paired'] else ''} | {c['verdict']} | {c['img_per_s_ratio']:.2f} |")
+        lines.append(f"| {c['a']} | {c['b']} | {c['diff']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}]"
+                     f"{' (paired)' if c['paired'] else ''} | {c['verdict']} | {c['img_per_s_ratio']:.2f} |")
     lines += ["",
               f"- w* = {w_star:.2f} and s* = {s_star:.2f} are the MG w and the CFG scale (of the vanilla runs' sweep) "
               "with the lowest mean FID in the study's own evaluation; both are chosen on the same runs.",
@@ -245,6 +245,8 @@ def build(spec_path: str, out: Path, runs_dir: Path | None, n: int | None, k: in
     table.to_csv(out / f"{stem}.csv", index=False)
     per_run.to_csv(out / f"{stem}_runs.csv", index=False)
     load = "load average {:.1f} / {:.1f} / {:.1f} on {} cores".format(*os.getloadavg(), os.cpu_count())
+    if os.getloadavg()[1] > (os.cpu_count() or 1):
+        load += "; more runnable work than cores, so IMG/S and its ratio are unreliable here"  # shared machine
     (out / f"{stem}.md").write_text(markdown(spec.name, table, comps, w_star, s_star, n, load))
     return out / f"{stem}.md"
 
