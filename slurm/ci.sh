@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI helper: `up` installs and starts the SLURM test cluster and the services (PostgreSQL, MLflow)
-# and writes their env lines to $MGBENCH_SLURM_DIR/env.sh (source it); `down` stops everything.
+# and writes their env lines to $MGBENCH_SLURM_DIR/env.sh (mode 600: it holds the PostgreSQL password;
+# source it); `down` stops every process they started, job steps included. Nothing printed holds a password.
 # Usage: slurm/ci.sh {up|down}
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,7 +16,8 @@ case "${1:-}" in
     "$HERE/cluster.sh" start
     "$HERE/services.sh" start
     mkdir -p "$BASE_DIR"
-    { "$HERE/cluster.sh" env; "$HERE/services.sh" env; } >"$ENV_OUT.tmp" && mv "$ENV_OUT.tmp" "$ENV_OUT"
+    rm -f "$ENV_OUT.tmp"
+    (umask 077; { "$HERE/cluster.sh" env; "$HERE/services.sh" env; } >"$ENV_OUT.tmp") && mv "$ENV_OUT.tmp" "$ENV_OUT"
     echo "[ci] cluster + services up in $((SECONDS - t0))s; source $ENV_OUT" >&2
     ;;
   down)

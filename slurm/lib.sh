@@ -19,6 +19,12 @@ pid_alive() {
   [[ -n "$state" && "$state" != "Z" && "$state" != "X" ]]
 }
 
+# Write stdin to FILE, mode 600 from its first byte (an existing file is replaced, never reused with its mode).
+write_private() { rm -f "$1"; (umask 077; cat >"$1"); }
+
+# A fresh random password (hex), kept in FILE (mode 600) and reused by later starts.
+password_file() { [[ -s "$1" ]] || head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' | write_private "$1"; chmod 600 "$1"; }
+
 pidfile_alive() { [[ -f "$1" ]] && pid_alive "$(cat "$1")"; }
 
 # Start "$@" in its own session, foreground, output to LOG; the PID goes to PIDFILE.
@@ -48,7 +54,7 @@ spare_port() {
   "$MGBENCH_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null; }   # port [address]
 
 # Wait until "$@" succeeds; on timeout (or death of $WAIT_PIDFILE) show the tail of LOGS and fail.
 wait_for() {

@@ -14,7 +14,9 @@ RUN="$DIR/run"; LOGS="$DIR/log"; PG_DATA="$DIR/pg/data"; PG_SOCK="$DIR/pg/sock"
 PG_USER="mgbench"                                  # password role owning both databases
 PG_DB="mgbench"                                    # Optuna RDB storage (and other study data)
 MLFLOW_DB="mgbench_mlflow"                         # MLflow backend (own db: both use alembic_version)
-ENV_FILE="$DIR/env.sh"                             # what `env` prints, written at start
+ENV_FILE="$DIR/env.sh"                             # what `env` prints, written at start (mode 600: it holds the password)
+PG_PASSWORD_FILE="$DIR/pg.password"                # the role's password (mode 600)
+PG_PASSFILE="$DIR/pgpass"                          # libpq password file of the MLflow server (mode 600), never argv
 START_TIMEOUT="${MGBENCH_SERVICES_TIMEOUT:-120}"
 PACKAGES=(postgresql)
 
@@ -44,12 +46,11 @@ init_pg() {
 
 psql_admin() { as_postgres "$(pg_bin)/psql" -h "$PG_SOCK" -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
 
-# The password role and both databases, created when missing.
+# The password role and both databases, created when missing (SQL with the password goes on stdin, not argv).
 create_db() {
-  local port="$1" pw="$2" db
-  if [[ -z "$(psql_admin "$port" -c "SELECT 1 FROM pg_roles WHERE rolname='$PG_USER'")" ]]; then
-    psql_admin "$port" -c "CREATE ROLE $PG_USER LOGIN PASSWORD '$pw'"
-  else psql_admin "$port" -c "ALTER ROLE $PG_USER PASSWORD '$pw'"; fi
+  local port="$1" pw="$2" db verb=ALTER
+  [[ -n "$(psql_admin "$port" -c "SELECT 1 FROM pg_roles WHERE rolname='$PG_USER'")" ]] || verb=CREATE
+  psql_admin "$port" <<<"$verb ROLE $PG_USER LOGIN PASSWORD '$pw'" >/dev/null
   for db in "$PG_DB" "$MLFLOW_DB"; do
     [[ -n "$(psql_admin "$port" -c "SELECT 1 FROM pg_database WHERE datname='$db'")" ]] ||
       psql_admin "$port" -c "CREATE DATABASE $db OWNER $PG_USER"
@@ -68,11 +69,12 @@ start_pg() {
 
 mlflow_ready() { curl -fsS -o /dev/null "http://127.0.0.1:$1/health"; }
 
+# The backend URI on argv (visible in `ps`) has no password: libpq reads it from PGPASSFILE.
 start_mlflow() {
   local port="$1" backend="$2"
   mkdir -p "$DIR/mlflow-artifacts"
   # No job-execution workers (MLflow 3's huey consumers: ~7 processes, ~2 GB, unused here).
-  spawn "$RUN/mlflow.pid" "$LOGS/mlflow.log" env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+  spawn "$RUN/mlflow.pid" "$LOGS/mlflow.log" env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PGPASSFILE="$PG_PASSFILE" \
     "$MGBENCH_PYTHON" -m mlflow server \
     --backend-store-uri "$backend" --artifacts-destination "$DIR/mlflow-artifacts" \
     --host 127.0.0.1 --port "$port" --workers 1
@@ -86,24 +88,25 @@ cmd_start() {
   cmd_stop >/dev/null 2>&1 || true
   mkdir -p "$RUN" "$LOGS"; chmod 755 "$BASE_DIR" "$DIR"
   local t0=$SECONDS pg_port mlflow_port pw pg_url
-  [[ -f "$DIR/pg.password" ]] || { head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/pg.password"; chmod 600 "$DIR/pg.password"; }
-  pw="$(cat "$DIR/pg.password")"
+  password_file "$PG_PASSWORD_FILE"
+  pw="$(cat "$PG_PASSWORD_FILE")"
   pg_port="$(spare_port)"; mlflow_port="$(spare_port)"
   start_pg "$pg_port"
   create_db "$pg_port" "$pw"
-  pg_url="postgresql+psycopg2://$PG_USER:$pw@127.0.0.1:$pg_port"
-  start_mlflow "$mlflow_port" "$pg_url/$MLFLOW_DB"
-  cat >"$ENV_FILE" <<EOF
-export MGBENCH_PG_URL=$pg_url/$PG_DB
+  echo "127.0.0.1:$pg_port:$MLFLOW_DB:$PG_USER:$pw" | write_private "$PG_PASSFILE"
+  start_mlflow "$mlflow_port" "postgresql+psycopg2://$PG_USER@127.0.0.1:$pg_port/$MLFLOW_DB"
+  write_private "$ENV_FILE" <<EOF
+export MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:$pw@127.0.0.1:$pg_port/$PG_DB
 export MGBENCH_MLFLOW_URL=http://127.0.0.1:$mlflow_port
 EOF
-  log "services up in $((SECONDS - t0))s: $(tr '\n' ' ' <"$ENV_FILE")"
+  log "services up in $((SECONDS - t0))s: MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:***@127.0.0.1:$pg_port/$PG_DB" \
+    "MGBENCH_MLFLOW_URL=http://127.0.0.1:$mlflow_port (env: $ENV_FILE, mode 600)"
 }
 
 cmd_stop() {
   stop_pidfile "$RUN/mlflow.pid"
   stop_pidfile "$RUN/postgres.pid" INT             # SIGINT = PostgreSQL's fast shutdown
-  rm -f "$ENV_FILE"
+  rm -f "$ENV_FILE" "$PG_PASSFILE"
   log "services stopped"
 }
 
@@ -112,7 +115,7 @@ cmd_status() {
   for d in postgres mlflow; do
     if pidfile_alive "$RUN/$d.pid"; then echo "$d: running (pid $(cat "$RUN/$d.pid"))"; else echo "$d: stopped"; rc=1; fi
   done
-  [[ -f "$ENV_FILE" ]] && cat "$ENV_FILE"
+  [[ -f "$ENV_FILE" ]] && sed -E 's#(://[^:/@]*):[^@]*@#\1:***@#' "$ENV_FILE"   # password masked
   return $rc
 }
 

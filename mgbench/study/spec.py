@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mgbench.config import ConfigError, TrainConfig, from_dict, load_yaml, set_dotted, train_config_from_dict
-from mgbench.redact import mask_uri, redact
+from mgbench.redact import mask_uri, redact, stash_uri, unstash_uri
 from mgbench.study.guards import check_option_keys, check_text
 
 SAMPLERS = ("grid", "tpe", "random")
@@ -100,6 +100,14 @@ class StudySpec:
     reuse: bool = True             # a trial whose config another study of the same storage already trained copies its result
     sets: dict[str, Any] = field(default_factory=dict)  # `--set` dotted trainer keys applied to base (recorded in out_dir)
     raw: dict[str, Any] = field(default_factory=dict)  # the spec as read, passwords masked (an MLflow artifact)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (submitit's job pickles): URIs masked, the real ones parked in the environment (stash_uri)."""
+        return {**self.__dict__, "storage": stash_uri(self.storage), "tracking_uri": stash_uri(self.tracking_uri)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        uris = {"storage": unstash_uri(state["storage"]), "tracking_uri": unstash_uri(state["tracking_uri"])}
+        self.__dict__.update(state, **uris)
 
     @property
     def grid(self) -> dict[str, list[Any]]:
