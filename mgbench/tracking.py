@@ -16,15 +16,16 @@ TAG_STUDY = "mgbench.study"            # study name (also the experiment name)
 TAG_ROLE = "mgbench.role"              # "study" (parent run) | "trial" (nested) | "train" (mgbench train)
 TAG_TRIAL = "mgbench.trial"            # Optuna trial number
 TAG_SLURM_JOB = "mgbench.slurm_job_id"  # SLURM job id of the trial's job (array: JOBID_TASK)
-TAG_STATUS = "mgbench.status"          # running | finished | failed | pruned
+TAG_STATUS = "mgbench.status"          # running | finished | failed | pruned | cancelled
 TAG_SCALE = "mgbench.scale"            # e.g. "digits, 2000 steps": labels measured rows in reports
 TAG_OUT_DIR = "mgbench.out_dir"        # the run's checkpoint folder
 TAG_CONFIG_HASH = "mgbench.config_hash"  # content hash of the trial's resolved config (mgbench.study.reuse)
 TAG_REUSED_FROM = "mgbench.reused_from"  # a trial copied from an equal one: "<study>/<trial number>/<run id>"
 
-# The one status map: mgbench status (TAG_STATUS) -> MLflow run status. A pruned trial's run ends KILLED, so
+# The one status map: mgbench status (TAG_STATUS) -> MLflow run status. A pruned or cancelled trial's run ends KILLED, so
 # readers take the status from the TAG_STATUS tag first (mgbench.report.load does).
-STATUS_TO_MLFLOW = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
+STATUS_TO_MLFLOW = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED",
+                    "cancelled": "KILLED"}  # cancelled: `mgbench study cancel` or an outside scancel
 
 # Step metrics logged by the trainer.
 M_LOSS = "train/loss"                  # mean loss over the logging window

@@ -1,4 +1,4 @@
-"""`mgbench study validate|run|status|resume FILE`: the command line of studies."""
+"""`mgbench study validate|run|status|resume|cancel FILE`: the command line of studies."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,8 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
     for name, text in (("validate", "check a spec and every trial config it resolves to"),
                        ("run", "run (or resume) a study to the end"),
                        ("status", "objective, best trial, each trial: state, progress, duration, job, MLflow run"),
-                       ("resume", "reconcile a detached or killed study and finish it")):
+                       ("resume", "reconcile a detached or killed study and finish it"),
+                       ("cancel", "cancel running trials (scancel / kill their jobs); they end CANCELLED")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("spec", help="the study spec (studies/*.yaml)")
         s.add_argument("--out-dir", default=None, help="override the spec's out_dir")
@@ -27,16 +28,21 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
         s.add_argument("--new-version", action="store_true",
                        help="a spec changed since the study first ran: use it as <name>-v2 in <out_dir>-v2 (the "
                             "first version not run with another spec, so the same command finds it again)")
-        if name != "status":
+        if name not in ("status", "cancel"):
             s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a base trainer config field, e.g. --set train.steps=100 (repeatable; "
                                 "recorded in out_dir/set.yaml: a rerun without --set reuses it)")
         if name in ("run", "resume"):
             s.add_argument("--detach", action="store_true", help="submit what fits and return (resume later)")
             s.add_argument("--parallelism", type=int, default=None, help="override the spec's parallelism")
+            s.add_argument("--retry-cancelled", action="store_true",
+                           help="run cancelled trials again (each as a new trial with its params, resuming from "
+                                "its latest checkpoint); without it a cancelled trial is never resubmitted")
             s.add_argument("--out", default=None, metavar="DIR",
                            help="where the spec's report items render (default: <out_dir>/report; name "
                                 "reports/<study> to update the committed tables)")
+        if name == "cancel":
+            s.add_argument("--trial", type=int, default=None, metavar="N", help="cancel only trial N")
         if name == "status":
             s.add_argument("--watch", nargs="?", type=float, const=10.0, default=None, metavar="SECONDS",
                            help="repeat every SECONDS (default 10) until the study has ended; Ctrl-C stops")
@@ -116,16 +122,23 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
         print(mask_uri(dry_run(spec)))  # URIs as user:***@host
         _print_sets(spec)
         return 0
+    from mgbench.cli import print_error
     from mgbench.study.executors import check_executor
+    from mgbench.study.lifecycle import SubmitRefused
     from mgbench.study.prepare import run_prepare
 
     check_executor(spec)  # a bad executor option is a one-line error before any job (the latents job too)
     run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
-    s = run_study(spec, wait=not args.detach, echo=lambda line: print(mask_uri(line)))
+    try:
+        s = run_study(spec, wait=not args.detach, echo=lambda line: print(mask_uri(line)),
+                      retry_cancelled=args.retry_cancelled)
+    except SubmitRefused as e:  # sbatch refused every submit: the trial is FAIL with its message
+        return print_error(f"mgbench study {args.study_cmd}", mask_uri(str(e)))
     best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
     reused = f" ({s.n_reused} reused)" if s.n_reused else ""
-    print(f"study {spec.name}: {s.n_complete} complete{reused}, {s.n_pruned} pruned, {s.n_failed} failed, "
-          f"{s.n_running} running{best}")
+    cancelled = f", {s.n_cancelled} cancelled" if s.n_cancelled else ""
+    print(f"study {spec.name}: {s.n_complete} complete{reused}, {s.n_pruned} pruned, {s.n_failed} failed"
+          f"{cancelled}, {s.n_running} running{best}")
     if spec.report and s.n_running == 0 and s.n_complete > 0:
         from mgbench.report.cli import render
 
@@ -161,7 +174,17 @@ def _ended(spec: Any, rows: list[dict[str, Any]]) -> bool:
     return len(rows) >= spec.n_trials and not any(r["state"] in ("RUNNING", "WAITING") for r in rows)
 
 
-_COMMANDS = {"validate": _validate, "run": _run, "resume": _run, "status": _status}
+def _cancel(spec: Any, args: argparse.Namespace) -> int:
+    from mgbench.redact import mask_uri
+    from mgbench.study.outcomes import cancel_trials
+
+    try:
+        return cancel_trials(spec, args.trial, echo=lambda line: print(mask_uri(line)))
+    except KeyError:  # optuna: no such study in the storage
+        raise ConfigError(f"{spec.path}: study {spec.name} has not run yet: nothing to cancel") from None
+
+
+_COMMANDS = {"validate": _validate, "run": _run, "resume": _run, "status": _status, "cancel": _cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ checks the names (unknown ones are errors).
 """
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys
@@ -20,6 +19,7 @@ import submitit
 
 from mgbench.config import ConfigError
 from mgbench.study.guards import time_limit_problem
+from mgbench.study.jobstate import ALIVE, job_states
 from mgbench.study.spec import StudySpec
 from mgbench.study.versions import check_unchanged
 
@@ -37,8 +37,6 @@ MIN_VALUES = {"timeout_min": (1, "minutes"), "mem_gb": (1e-9, "GB"), "nodes": (1
               "slurm_signal_delay_s": (0, "seconds")}
 SLURM_TIME = re.compile(r"\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?")  # sbatch --time formats
 SLURM_MEM = re.compile(r"\d+[KMGT]?B?", re.IGNORECASE)  # sbatch --mem / --mem-per-gpu
-ALIVE_SLURM = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-               "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "UNKNOWN", "READY"}
 
 
 @dataclass
@@ -197,28 +195,5 @@ def job_ref(spec: StudySpec, job: Any) -> JobRef:
 
 
 def job_alive(ref: dict[str, str], job: Any | None = None) -> bool:
-    """Whether the job may still produce a result: the live handle if we have it, else the pid or sacct."""
-    if job is not None:
-        return not job.done()
-    kind = ref.get("executor")
-    if kind == "local":
-        return _pid_alive(int(ref["job_id"]))
-    if kind == "slurm":
-        state = submitit.SlurmJob(folder=ref["folder"], job_id=ref["job_id"]).state
-        return state.split(" ")[0].upper() in ALIVE_SLURM
-    return False  # debug jobs live inside the driver that ran them
-
-
-def _pid_alive(pid: int) -> bool:
-    if not Path("/proc").is_dir():
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X")  # zombies stay when PID 1 does not reap them
+    """Whether the job may still produce a result (an UNKNOWN or forgotten SLURM job does not: see jobstate)."""
+    return job_states([ref], [job])[0].kind == ALIVE

@@ -10,6 +10,15 @@ asking is serialised by a lock file in out_dir (so the study never gets more tha
 grid point is never asked twice), each trial records the driver that owns it, and a driver re-attaches
 only to trials whose owner is gone (same host: its process has ended; another host: its heartbeat file
 in out_dir/drivers/ is stale).
+
+Every job state has an outcome (mgbench.study.jobstate): a job SLURM reports UNKNOWN or no longer knows for
+`lost_after_s` is lost (resubmitted from its checkpoint, counted against max_retries); a cancelled job
+(`mgbench study cancel`, an outside scancel) ends its trial as CANCELLED (mgbench.study.outcomes); a job
+sbatch refuses fails its trial with sbatch's message, and stops the driver (exit 2) when no submit of it was
+accepted. Resubmissions wait for a free slot, as new trials do (never outside the array's parallelism).
+Each side effect is preceded by its intent in trial.json (the MLflow run, the submission token), so a rerun
+after a driver killed in between adopts the run or job instead of repeating it (kill points:
+mgbench.study.crashpoints).
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,14 +38,20 @@ import optuna
 from optuna.trial import TrialState
 
 from mgbench.config import ConfigError
+from mgbench.redact import mask_uri
 from mgbench.study import runs
-from mgbench.study.executors import _pid_alive, check_executor, job_alive, job_ref, make_executor
+from mgbench.study.crashpoints import crash_point
+from mgbench.study.executors import check_executor, make_executor
+from mgbench.study.jobstate import ALIVE, CANCELLED, LOST_AFTER_S, UNKNOWN, UNREACHABLE, job_states, pid_alive
+from mgbench.study.lifecycle import InFlight, JobLifecycle
 from mgbench.study.optuna_io import ask, open_study
+from mgbench.study.outcomes import (CANCEL_REASON, UA_RETRY_OF, carry_checkpoints, enqueue_retries, is_cancelled,
+                                    n_budget)
 from mgbench.study.overrides import record_sets
 from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_RUN_ID, UA_STEP, UA_TRACKING_URI,
                                  config_hash, copy_run, find_source, tell_reused)
 from mgbench.study.spec import StudySpec, validate_trial
-from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, TrialJob, read_json, trial_dir, write_json
+from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, read_json, trial_dir, write_json
 from mgbench.study.versions import record_spec
 
 EVENTS_FILE = "events.jsonl"  # driver timeline: one JSON line per submit / end / resubmit
@@ -47,29 +63,28 @@ PROGRESS_EVERY_S = 30.0       # the driver echoes each running trial's step/tota
 
 
 @dataclass
-class InFlight:
-    number: int
-    job: Any | None                # the live submitit job (None: re-attached after a driver restart)
-    ref: dict[str, str]            # the persistent job reference (executor, job_id, folder)
-
-
-@dataclass
 class StudySummary:
     n_complete: int = 0
     n_reused: int = 0              # of n_complete: copied from an equal trial of another study (not trained)
     n_pruned: int = 0
-    n_failed: int = 0
+    n_failed: int = 0              # cancelled trials not included
+    n_cancelled: int = 0
     n_running: int = 0
     best_value: float | None = None
     best_params: dict[str, Any] = field(default_factory=dict)
 
 
-class Driver:
+class Driver(JobLifecycle):
     """Runs one study from its spec; rerunning it on the same spec resumes."""
 
-    def __init__(self, spec: StudySpec, echo: Callable[[str], None] = print) -> None:
+    lost_after_s = LOST_AFTER_S    # a job SLURM says UNKNOWN or forgot this long is lost (tests lower it)
+
+    def __init__(self, spec: StudySpec, echo: Callable[[str], None] = print, retry_cancelled: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.echo = echo
+        self.warn = warn or (lambda line: print(mask_uri(line), file=sys.stderr))  # refusals: one line on stderr
+        self.retry_cancelled = retry_cancelled  # `study run --retry-cancelled`: run cancelled trials again
         check_executor(spec)
         Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
@@ -84,6 +99,8 @@ class Driver:
             self.exp_id = runs.experiment_id(self.mlflow, spec)
             self.parent_id = runs.parent_run(self.mlflow, self.exp_id, spec)
         self.inflight: dict[int, InFlight] = {}
+        self.waiting: list[int] = []  # trials to resubmit (their job died or paused) once a slot is free
+        self.n_accepted = 0           # submits of this driver that the executor accepted
         self._executor: Any = None
         self._progress_shown: dict[int, Any] = {}   # trial -> the step last echoed
         self._progress_at = time.monotonic()
@@ -93,13 +110,17 @@ class Driver:
 
     def run(self, wait: bool = True) -> StudySummary:
         """Reconcile, then keep slots full until every trial has ended (wait=False: fill once and detach)."""
+        if self.retry_cancelled:
+            with self._lock():
+                for n in enqueue_retries(self.study, self.spec):
+                    self._event("retry", n, say="cancelled: enqueued again (--retry-cancelled)")
         self.reconcile()
         self.fill()
         while wait:
-            if not self.inflight:
+            if not self.inflight and not self.waiting:
                 self.reconcile()  # a driver beside this one may have died with trials in flight: adopt them
                 self.fill()
-                if not self.inflight:
+                if not self.inflight and not self.waiting:
                     break
             time.sleep(self.spec.poll_s)
             self._heartbeat()
@@ -112,14 +133,20 @@ class Driver:
         return summary
 
     def fill(self) -> None:
-        """Ask for new trials while a slot is free and the budget allows; submit them together."""
+        """Resubmit waiting trials while fewer than `parallelism` are in flight (a SLURM grid's array included), then
+        ask for new trials while a slot is free and the budget allows; submit them together."""
+        again = self.waiting[:max(0, self.spec.parallelism - len(self.inflight))]
+        if again:
+            self.waiting = self.waiting[len(again):]
+            self.submit(again)
         new = []
-        while len(self.inflight) + len(new) < self._slots():
+        while not self.waiting and len(self.inflight) + len(new) < self._slots():
             with self._lock():  # count + ask + claim at once: other drivers of the study wait
-                if self._n_asked() >= self.spec.n_trials:
+                if not self._may_ask():
                     break
                 trial, params = ask(self.study, self.spec)
                 self._claim(trial._trial_id)
+            crash_point("asked")
             try:
                 self.prepare(trial.number, trial._trial_id, params)
             except ConfigError as e:
@@ -132,33 +159,57 @@ class Driver:
             self.submit(new)
 
     def poll(self) -> None:
-        """Handle every in-flight trial whose job has ended."""
+        """Handle every in-flight trial whose job has ended (or been cancelled, or lost)."""
+        asking = []
         for number, f in list(self.inflight.items()):
-            path = trial_dir(self.spec, number) / RESULT_FILE
-            result = read_json(path)  # a final result frees the slot before the job's process exits
-            if result is None or result.get("status") == "paused":
-                if job_alive(f.ref, f.job):
-                    continue
-                result = read_json(path)  # written while the job ended (debug jobs run inside job_alive)
-            if result is None:
-                self._died(number)
-            else:
+            result = read_json(trial_dir(self.spec, number) / RESULT_FILE)  # a final result frees the slot at once
+            if result is not None and result.get("status") != "paused":
                 self._ended(number, result)
+            else:
+                asking.append(f)
+        for f, state in zip(asking, job_states([f.ref for f in asking], [f.job for f in asking])):
+            if state.kind in (ALIVE, UNREACHABLE):  # a controller that does not answer decides nothing
+                f.unknown_since = None if state.kind == ALIVE else f.unknown_since
+                continue
+            result = read_json(trial_dir(self.spec, f.number) / RESULT_FILE)  # written while the job ended
+            if result is not None:
+                self._ended(f.number, result)
+            elif self._cancel_asked(f.number):
+                self._cancelled(f.number, CANCEL_REASON)
+            elif state.kind == CANCELLED:
+                self._cancelled(f.number, f"cancelled outside mgbench: job {f.ref['job_id']} {state.raw} (scancel)")
+            elif state.kind == UNKNOWN:
+                f.unknown_since = f.unknown_since or time.time()
+                if time.time() - f.unknown_since >= self.lost_after_s:
+                    self._lost(f, state.raw)
+            else:
+                self._died(f.number)
 
     # ------------------------------------------------------------------ trials
 
     def prepare(self, number: int, trial_id: int, params: dict[str, Any]) -> dict[str, Any]:
-        """Validate the trial's config, open its MLflow run and write `trial.json` (before any training)."""
+        """Validate the trial's config, write `trial.json` (the intent), open its MLflow run (or adopt the one a
+        killed driver opened after that intent) and name it in `trial.json`, all before any training."""
         cfg = validate_trial(self.spec, params, number)
         digest = config_hash(cfg.to_dict(), self.spec.entry, self.spec.eval_hook)
-        run_id = runs.trial_run(self.mlflow, self.exp_id, self.parent_id, self.spec, number, params, cfg, digest)
-        rec = {"study": self.spec.name, "number": number, "trial_id": trial_id, "run_id": run_id,
+        path = trial_dir(self.spec, number) / TRIAL_FILE
+        before = read_json(path) or {}
+        rec = {"study": self.spec.name, "number": number, "trial_id": trial_id, "run_id": None,
                "parent_run_id": self.parent_id, "tracking_uri": self.spec.tracking_uri, "storage": self.spec.storage,
                "out_dir": cfg.out_dir, "params": params, "config": cfg.to_dict(), "config_hash": digest, "jobs": [],
-               "deaths": 0, "created_at": time.time()}
-        write_json(trial_dir(self.spec, number) / TRIAL_FILE, rec)
+               "deaths": 0, "created_at": time.time(), "run_intent_at": time.time(), **before}
+        if not rec.get("run_id"):
+            write_json(path, rec)
+            crash_point("run_intent")
+            rec["run_id"] = runs.trial_run(self.mlflow, self.exp_id, self.parent_id, self.spec, number, params, cfg,
+                                           digest, adopt_since=before.get("run_intent_at"))
+            write_json(path, rec)
+        retry_of = self.study._storage.get_trial(trial_id).user_attrs.get(UA_RETRY_OF)
+        if retry_of is not None and carry_checkpoints(self.spec, retry_of, number):
+            self._event("resume", number, say=f"retries cancelled trial {retry_of} from its checkpoint")
         storage = self.study._storage  # the cache finds the trial, its run and its store by these
-        for key, value in ((UA_CONFIG_HASH, digest), (UA_RUN_ID, run_id), (UA_TRACKING_URI, self.spec.tracking_uri)):
+        for key, value in ((UA_CONFIG_HASH, digest), (UA_RUN_ID, rec["run_id"]),
+                           (UA_TRACKING_URI, self.spec.tracking_uri)):
             storage.set_trial_user_attr(trial_id, key, value)
         return rec
 
@@ -185,25 +236,6 @@ class Driver:
         self._event("reused", number, say=f"reused {src.study} #{src.number}", source=src.label, value=src.value)
         return True
 
-    def submit(self, numbers: list[int]) -> None:
-        """Submit trials (SLURM: several at once go out as one job array)."""
-        for n in numbers:  # a stale result (a paused run) must not be read as this job's outcome
-            (trial_dir(self.spec, n) / RESULT_FILE).unlink(missing_ok=True)
-        ex = self._get_executor()
-        fns = [TrialJob(self.spec, n) for n in numbers]
-        if self.spec.executor.type == "slurm" and len(fns) > 1:
-            jobs = ex.submit_array(fns)
-        else:
-            jobs = [ex.submit(fn) for fn in fns]
-        for n, job in zip(numbers, jobs):
-            ref = job_ref(self.spec, job).to_dict()
-            path = trial_dir(self.spec, n) / TRIAL_FILE
-            rec = read_json(path) or {}
-            rec.setdefault("jobs", []).append({**ref, "submitted_at": time.time()})
-            write_json(path, rec)
-            self.inflight[n] = InFlight(n, job, ref)
-            self._event("submit", n, job_id=ref["job_id"])
-
     def reconcile(self) -> None:
         """Re-attach to every RUNNING trial that no running driver owns (live jobs are watched, dead ones
         handled by the next poll); trials of drivers that still run are theirs."""
@@ -215,25 +247,17 @@ class Driver:
                 self._claim(t._trial_id)
                 orphans.append(t)
         for t in orphans:
-            rec = read_json(trial_dir(self.spec, t.number) / TRIAL_FILE)
-            if rec is None:  # the driver died between ask and trial.json: write it now
-                params = {k: t.params[k] for k in self.spec.space if k in t.params}
-                rec = self.prepare(t.number, t._trial_id, params)
-            jobs = rec.get("jobs") or []
-            if not jobs:
-                if not self.reuse(t.number):
-                    self.submit([t.number])
-                continue
-            self.inflight[t.number] = InFlight(t.number, None, jobs[-1])
-            self._event("attach", t.number, job_id=jobs[-1]["job_id"])
+            self._adopt_orphan(t)
         self.poll()
 
     def _ended(self, number: int, result: dict[str, Any]) -> None:
         status = result.get("status")
         if status == "paused":
             self._event("paused", number, step=result.get("step"))
-            self.inflight.pop(number)
-            self.submit([number])
+            self._queue(number)
+            return
+        if status == "cancelled":  # `study cancel` ended it (idempotent here: it may have died half-way)
+            self._cancelled(number, result.get("error") or "cancelled")
             return
         if status == "finished":
             self._record_metrics(number, result)
@@ -254,22 +278,6 @@ class Driver:
             return  # another driver told it first
         storage.set_trial_user_attr(rec["trial_id"], UA_METRICS, result.get("metrics") or {})
         storage.set_trial_user_attr(rec["trial_id"], UA_STEP, result.get("step"))
-
-    def _died(self, number: int) -> None:
-        path = trial_dir(self.spec, number) / TRIAL_FILE
-        rec = read_json(path) or {}
-        rec["deaths"] = rec.get("deaths", 0) + 1
-        write_json(path, rec)
-        self.inflight.pop(number)
-        if rec["deaths"] > self.spec.max_retries:
-            error = f"its job died {rec['deaths']} times without a result"
-            self.echo(f"trial {number}: {error}; marked failed")
-            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            runs.set_status(self.mlflow, rec["run_id"], "failed", error)
-            self._event("end", number, status="failed", value=None)
-            return
-        self._event("resubmit", number, deaths=rec["deaths"])
-        self.submit([number])
 
     # ------------------------------------------------------------------ drivers side by side
 
@@ -313,7 +321,7 @@ class Driver:
             if owner.get("pid") == self.me["pid"]:
                 return False  # an earlier driver in this process: it is not running now
             start = owner.get("start")
-            return _pid_alive(int(owner["pid"])) and (start is None or _start_ticks(int(owner["pid"])) == start)
+            return pid_alive(int(owner["pid"])) and (start is None or _start_ticks(int(owner["pid"])) == start)
         beat = Path(self.spec.out_dir) / DRIVERS_DIR / f"{owner.get('host')}-{owner.get('pid')}"
         try:
             age = time.time() - beat.stat().st_mtime
@@ -340,8 +348,10 @@ class Driver:
             return self.spec.n_trials
         return self.spec.parallelism
 
-    def _n_asked(self) -> int:
-        return len(self.study.get_trials(deepcopy=False))
+    def _may_ask(self) -> bool:
+        """Whether to ask another trial: the budget is not spent, or a retry of a cancelled trial waits."""
+        trials = self.study.get_trials(deepcopy=False)
+        return n_budget(trials) < self.spec.n_trials or any(t.state == TrialState.WAITING for t in trials)
 
     def show_progress(self, force: bool = False) -> None:
         """Every PROGRESS_EVERY_S, echo each running trial's step/total, rate, ETA and latest metric (from the
@@ -360,11 +370,15 @@ class Driver:
 
     def _event(self, kind: str, number: int, say: str | None = None, **data: Any) -> None:
         """Append to the events file and echo (`say`: the echoed text instead of the event and its data)."""
+        self._log_event(kind, number, **data)
+        say = say or f"{kind} " + " ".join(f"{k}={v}" for k, v in data.items())
+        self.echo(f"[{self.spec.name}] trial {number}: {say}")
+
+    def _log_event(self, kind: str, number: int, **data: Any) -> None:
+        """Append one line to the events file."""
         line = {"t": time.time(), "event": kind, "trial": number, "driver": self.me["pid"], **data}
         with open(Path(self.spec.out_dir) / EVENTS_FILE, "a") as f:
             f.write(json.dumps(line, default=str) + "\n")
-        say = say or f"{kind} " + " ".join(f"{k}={v}" for k, v in data.items())
-        self.echo(f"[{self.spec.name}] trial {number}: {say}")
 
     def summary(self) -> StudySummary:
         """Counts by state and the best trial so far."""
@@ -386,7 +400,8 @@ def summarize(study: optuna.Study) -> StudySummary:
     s.n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
     s.n_reused = sum(t.state == TrialState.COMPLETE and UA_REUSED_FROM in t.user_attrs for t in trials)
     s.n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
-    s.n_failed = sum(t.state == TrialState.FAIL for t in trials)
+    s.n_cancelled = sum(is_cancelled(t) for t in trials)
+    s.n_failed = sum(t.state == TrialState.FAIL for t in trials) - s.n_cancelled
     s.n_running = sum(t.state == TrialState.RUNNING for t in trials)
     if s.n_complete:
         best = study.best_trial
@@ -394,6 +409,7 @@ def summarize(study: optuna.Study) -> StudySummary:
     return s
 
 
-def run_study(spec: StudySpec, wait: bool = True, echo: Callable[[str], None] = print) -> StudySummary:
+def run_study(spec: StudySpec, wait: bool = True, echo: Callable[[str], None] = print,
+              retry_cancelled: bool = False) -> StudySummary:
     """Run (or resume) a study to the end; wait=False submits what fits and returns."""
-    return Driver(spec, echo).run(wait=wait)
+    return Driver(spec, echo, retry_cancelled=retry_cancelled).run(wait=wait)

@@ -8,9 +8,11 @@ from typing import Any
 import yaml
 
 from mgbench.config import TrainConfig
+from mgbench.study.crashpoints import crash_point
 from mgbench.study.spec import StudySpec
 from mgbench.tracking import (A_CONFIG, STATUS_TO_MLFLOW, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_ROLE, TAG_SCALE,
                               TAG_STATUS, TAG_STUDY, TAG_TRIAL, flatten, trial_run_name)
+from mgbench.tracking import study_ui_tags
 
 MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow nests runs in the UI by this tag
 A_SPEC = "study/spec.yaml"          # artifact path of the study spec (as read, overrides applied)
@@ -35,7 +37,8 @@ def experiment_id(c: Any, spec: StudySpec) -> str:
     location = None
     if spec.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in spec.tracking_uri:
         location = (Path(spec.out_dir) / "mlartifacts").as_uri()
-    return c.create_experiment(spec.name, artifact_location=location, tags={TAG_STUDY: spec.name})
+    tags = {TAG_STUDY: spec.name, **study_ui_tags(spec)}  # study_ui_tags: open in MLflow's classic ML view
+    return c.create_experiment(spec.name, artifact_location=location, tags=tags)
 
 
 def parent_run(c: Any, exp_id: str, spec: StudySpec) -> str:
@@ -58,20 +61,31 @@ def parent_run(c: Any, exp_id: str, spec: StudySpec) -> str:
 
 
 def trial_run(c: Any, exp_id: str, parent_id: str, spec: StudySpec, number: int, params: dict[str, Any],
-              cfg: TrainConfig, config_hash: str | None = None) -> str:
-    """Create the nested run of one trial: tags, searched params (as the trainer parses them), artifacts."""
+              cfg: TrainConfig, config_hash: str | None = None, adopt_since: float | None = None) -> str:
+    """Create the nested run of one trial: tags, searched params (as the trainer parses them), artifacts.
+    adopt_since: a killed driver may have created it since then (trial.json recorded the intent): adopt that run."""
     flat = flatten(cfg.to_dict())
     searched = {k: flat[k] for k in spec.settings(params)}
-    tags = {MLFLOW_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
-            TAG_STATUS: "running", TAG_SCALE: scale_label(cfg), TAG_OUT_DIR: cfg.out_dir}
-    if config_hash:
-        tags[TAG_CONFIG_HASH] = config_hash
-    run = c.create_run(exp_id, run_name=trial_run_name(searched), tags=tags)
-    run_id = run.info.run_id
-    c.log_batch(run_id, params=_params(searched))
+    run_id = find_trial_run(c, exp_id, spec.name, number, adopt_since) if adopt_since is not None else None
+    if run_id is None:
+        tags = {MLFLOW_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
+                TAG_STATUS: "running", TAG_SCALE: scale_label(cfg), TAG_OUT_DIR: cfg.out_dir}
+        if config_hash:
+            tags[TAG_CONFIG_HASH] = config_hash
+        run_id = c.create_run(exp_id, run_name=trial_run_name(searched), tags=tags).info.run_id
+        crash_point("run_created")
+    c.log_batch(run_id, params=_params(searched))  # an adopted run: the same values again (MLflow allows that)
     _log_yaml(c, run_id, cfg.to_dict(), A_CONFIG)
     _log_yaml(c, run_id, spec.raw, A_SPEC)
     return run_id
+
+
+def find_trial_run(c: Any, exp_id: str, study: str, number: int, since: float) -> str | None:
+    """The run of trial `number` of `study` created at or after `since` (seconds), or None."""
+    found = c.search_runs([exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STUDY}` = '{study}' "
+                          f"and tags.`{TAG_TRIAL}` = '{number}' and attributes.start_time >= {int((since - 1) * 1000)}",
+                          order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0].info.run_id if found else None
 
 
 def scale_label(cfg: TrainConfig) -> str:

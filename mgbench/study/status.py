@@ -6,7 +6,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mgbench.study.executors import check_executor, job_alive, sbatch_script
+from mgbench.study.executors import check_executor, sbatch_script
+from mgbench.study.jobstate import job_states
+from mgbench.study.outcomes import is_cancelled
 from mgbench.study.reuse import UA_REUSED_FROM
 from mgbench.study.spec import StudySpec, corner_points, grid_points
 from mgbench.study.trial import PROGRESS_FILE, RESULT_FILE, list_trials, read_json, trial_dir
@@ -14,9 +16,7 @@ from mgbench.tracking import TAG_STATUS, trial_run_name
 
 
 def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
-    """One row per trial: Optuna state, value, params, job state, MLflow run and status."""
-    from optuna.trial import TrialState
-
+    """One row per trial: state (Optuna's, or CANCELLED), value, params, job state, MLflow run and status."""
     from mgbench.study import runs
     from mgbench.study.optuna_io import open_study
 
@@ -29,17 +29,14 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
     except KeyError:  # no such study yet
         trials = {}
     client = runs.client(spec) if records else None
+    numbers = sorted(set(trials) | set(records))
+    jobs = job_column(numbers, trials, records)
     rows = []
-    for number in sorted(set(trials) | set(records)):
+    for number in numbers:
         t, rec = trials.get(number), records.get(number, {})
-        jobs = rec.get("jobs") or []
-        ref = jobs[-1] if jobs else None
-        state = t.state.name if t is not None else "NONE"
+        state = ("CANCELLED" if is_cancelled(t) else t.state.name) if t is not None else "NONE"
         result = read_json(trial_dir(spec, number) / RESULT_FILE) or {}
-        job_state = "-"
-        if ref is not None:
-            alive = t is not None and t.state == TrialState.RUNNING and job_alive(ref)
-            job_state = f"{ref['job_id']} ({'alive' if alive else 'ended'})"
+        job_state = jobs.get(number, "-")
         progress = read_json(trial_dir(spec, number) / PROGRESS_FILE) or {}
         rows.append({"trial": number, "state": state, "value": t.value if t is not None else None,
                      "params": trial_run_name(spec.settings(rec.get("params") or (t.params if t else {}))),
@@ -49,6 +46,17 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
                      "reused": _reused_label(t.user_attrs.get(UA_REUSED_FROM) if t is not None else None),
                      "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
     return rows
+
+
+def job_column(numbers: list[int], trials: dict[int, Any], records: dict[int, dict[str, Any]]) -> dict[int, str]:
+    """`<job id> (<state>)` of each trial's latest job: alive, ended, or what SLURM says when it says more
+    (UNKNOWN, MISSING, CANCELLED by 0); ended for trials no longer running. One squeue/sacct call for all."""
+    from optuna.trial import TrialState
+
+    refs = {n: (records.get(n, {}).get("jobs") or [None])[-1] for n in numbers}
+    asked = [n for n in numbers if refs[n] and n in trials and trials[n].state == TrialState.RUNNING]
+    states = dict(zip(asked, job_states([refs[n] for n in asked])))
+    return {n: f"{refs[n]['job_id']} ({states[n].label() if n in states else 'ended'})" for n in numbers if refs[n]}
 
 
 def _steps(progress: dict[str, Any], result: dict[str, Any], rec: dict[str, Any]) -> str:

@@ -219,13 +219,14 @@ def _accepts_progress(train: Callable[..., Any]) -> bool:
 class TrialJob(submitit.helpers.Checkpointable):
     """Trains one trial from its `trial.json`; rerunning it resumes the same trial, run and folder."""
 
-    def __init__(self, spec: StudySpec, number: int) -> None:
+    def __init__(self, spec: StudySpec, number: int, submit_token: str | None = None) -> None:
         self.spec = spec
         self.number = number
+        self.submit_token = submit_token  # trial.json's `submitting.token`: a rerun driver finds this job by it
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Preempted or timed out: requeue the same trial (the trainer resumes from its checkpoint)."""
-        return submitit.helpers.DelayedSubmission(TrialJob(self.spec, self.number))
+        return submitit.helpers.DelayedSubmission(TrialJob(self.spec, self.number, getattr(self, "submit_token", None)))
 
     def __call__(self) -> dict[str, Any]:
         folder = trial_dir(self.spec, self.number)
