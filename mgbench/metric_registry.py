@@ -13,21 +13,32 @@ from dataclasses import dataclass
 class MetricInfo:
     higher_is_better: bool
     family: str                    # image | grid2d | speed
+    header: str = ""               # short column header in reports (default: the metric's name)
+    meaning: str = ""              # one-line definition written under report tables
 
 
 METRICS: dict[str, MetricInfo] = {
-    "fid": MetricInfo(False, "image"),          # Frechet distance to the reference features
-    "sfid": MetricInfo(False, "image"),         # FID on spatial features
-    "is": MetricInfo(True, "image"),            # Inception score
-    "kid": MetricInfo(False, "image"),          # kernel inception distance
-    "precision": MetricInfo(True, "image"),     # share of samples inside the reference manifold
-    "recall": MetricInfo(True, "image"),        # share of the reference inside the samples' manifold
-    "img_per_s": MetricInfo(True, "speed"),     # sampling throughput
-    "in_class": MetricInfo(True, "grid2d"),     # share of samples in a square of their own class
-    "off_support": MetricInfo(False, "grid2d"),  # share of samples outside their class's squares
-    "coverage": MetricInfo(True, "grid2d"),     # share of each class's squares holding >= k samples
-    "swd": MetricInfo(False, "grid2d"),         # sliced Wasserstein distance to true samples, per class
-    "center_dist": MetricInfo(False, "grid2d"),  # mean distance to the nearest own-class square centre
+    "fid": MetricInfo(False, "image", "FID", "Frechet distance to the reference features"),
+    "sfid": MetricInfo(False, "image", "sFID", "FID on spatial features"),
+    "is": MetricInfo(True, "image", "IS", "Inception score"),
+    "kid": MetricInfo(False, "image", "KID", "kernel inception distance"),
+    "precision": MetricInfo(True, "image", "Prec.", "share of samples inside the reference manifold"),
+    "recall": MetricInfo(True, "image", "Rec.", "share of the reference inside the samples' manifold"),
+    "img_per_s": MetricInfo(True, "speed", "IMG/S", "sampling throughput, images per second"),
+    "in_class": MetricInfo(True, "grid2d", "in-class", "share of samples on a square of their own class"),
+    "wrong_class": MetricInfo(False, "grid2d", "wrong-class", "share of samples on a square of the other class"),
+    "off_board": MetricInfo(False, "grid2d", "off-board", "share of samples outside the 4x4 board"),
+    "off_support": MetricInfo(False, "grid2d", "outside own class",
+                              "wrong-class + off-board = 1 - in-class (the studies' name `off_support`)"),
+    "coverage": MetricInfo(True, "grid2d", "coverage",
+                           "share of the class squares holding >= k samples of their class (k: a quarter of the "
+                           "uniform count per square)"),
+    "subcell_coverage": MetricInfo(True, "grid2d", "sub-cell coverage",
+                                   "the same on 4x4 sub-cells per square, k: half the uniform count per sub-cell "
+                                   "(falls as guidance empties the squares' edges)"),
+    "swd": MetricInfo(False, "grid2d", "SWD", "sliced Wasserstein-1 distance to true samples of the same class"),
+    "center_dist": MetricInfo(False, "grid2d", "dist. to centre",
+                              "mean distance from a sample to the centre of the nearest square of its class"),
 }
 FAMILIES = ("image", "grid2d", "speed")
 
@@ -37,6 +48,16 @@ def metric_info(name: str) -> MetricInfo:
     if name not in METRICS:
         raise KeyError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
     return METRICS[name]
+
+
+def arrow(name: str) -> str:
+    """The better direction as an arrow for a column header: ↑ higher is better, ↓ lower is better."""
+    return "↑" if higher_is_better(name) else "↓"
+
+
+def family_metrics(family: str) -> list[str]:
+    """The metrics of one family, in registry order."""
+    return [m for m, info in METRICS.items() if info.family == family]
 
 
 def higher_is_better(name: str) -> bool:

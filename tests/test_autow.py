@@ -221,10 +221,10 @@ def test_higher_is_better_metrics_move_w_towards_their_optimum(start, w_opt):
 
 
 def test_metric_registry_and_config_checks():
-    assert {"fid", "sfid", "is", "kid", "precision", "recall", "img_per_s", "in_class", "off_support",
-            "coverage", "swd", "center_dist"} == set(METRICS)
+    assert {"fid", "sfid", "is", "kid", "precision", "recall", "img_per_s", "in_class", "wrong_class", "off_board",
+            "off_support", "coverage", "subcell_coverage", "swd", "center_dist"} == set(METRICS)
     assert [m for m in METRICS if METRICS[m].higher_is_better] == ["is", "precision", "recall", "img_per_s",
-                                                                    "in_class", "coverage"]
+                                                                    "in_class", "coverage", "subcell_coverage"]
     for bad, match in (({"metric": "FID"}, r"auto_w\.metric: 'FID' is not one of fid, sfid"),
                        ({"metric": "img_per_s"}, r"auto_w\.metric: 'img_per_s' is not one of"),
                        ({"alpha": 0.0}, r"auto_w\.alpha: 0\.0 is outside \(0\.0, 0\.5\]"),

@@ -24,6 +24,7 @@ def test_all_in_class():
     labels = torch.tensor([0] * 8 + [1] * 8)
     assert GM.in_class(pts, labels, GRID) == 1.0
     assert GM.off_support(pts, labels, GRID) == 0.0
+    assert GM.wrong_class(pts, labels, GRID) == 0.0 and GM.off_board(pts, labels, GRID) == 0.0
     assert GM.center_dist(pts, labels, GRID) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -32,6 +33,7 @@ def test_all_in_the_other_class():
     labels = torch.tensor([1] * 8 + [0] * 8)
     assert GM.in_class(pts, labels, GRID) == 0.0
     assert GM.off_support(pts, labels, GRID) == 1.0
+    assert GM.wrong_class(pts, labels, GRID) == 1.0 and GM.off_board(pts, labels, GRID) == 0.0
     assert GM.center_dist(pts, labels, GRID) == pytest.approx(1.0)  # a neighbouring square's centre is 1 away
     assert GM.coverage(pts, labels, GRID, k=1) == 0.0
 
@@ -41,6 +43,50 @@ def test_off_board_counts_as_off_support():
     labels = torch.tensor([0, 0, 0])
     assert GM.off_support(pts, labels, GRID) == pytest.approx(1 / 3)
     assert GM.in_class(pts, labels, GRID) == pytest.approx(2 / 3)
+
+
+def test_wrong_class_and_off_board_split_what_is_outside_the_own_class():
+    # off the board (x > 2; y < -2); cell (1,1) class 0; cell (0,1) class 1; cell (3,0) class 1; cell (2,2) class 0
+    pts = torch.tensor([[2.5, 0.1], [0.3, -2.01], [-0.5, -0.5], [-1.5, -0.5], [1.5, -1.5], [0.5, 0.5]])
+    labels = torch.tensor([0, 1, 0, 0, 0, 1])
+    assert GM.off_board(pts, labels, GRID) == pytest.approx(2 / 6)
+    assert GM.wrong_class(pts, labels, GRID) == pytest.approx(3 / 6)   # label 0 on (0,1), (3,0); label 1 on (2,2)
+    assert GM.in_class(pts, labels, GRID) == pytest.approx(1 / 6)
+    assert GM.off_support(pts, labels, GRID) == pytest.approx(5 / 6)    # = wrong_class + off_board
+    assert GM.off_board(pts, labels.flip(0), GRID) == pytest.approx(2 / 6)   # labels do not move a point off the board
+
+
+def subcell_centres(c: int, split: int = 4) -> torch.Tensor:
+    """The centre of every sub-cell (split x split per square) of class c's squares, square by square."""
+    step = GRID.cell_size / split
+    return torch.tensor([(-2 + i + (a + 0.5) * step, -2 + j + (b + 0.5) * step)
+                         for i, j in GRID.class_cells(c) for a in range(split) for b in range(split)])
+
+
+def test_subcell_coverage_counts_sub_cells_with_k_samples():
+    sub0 = subcell_centres(0)                                 # 8 squares x 16 sub-cells of class 0
+    assert len(sub0) == 128
+    pts = torch.cat([sub0[:100].repeat(4, 1), subcell_centres(1)[:16]])   # 100 sub-cells x4; one class-1 square
+    labels = torch.tensor([0] * 400 + [1] * 16)
+    assert GM.subcell_coverage(pts, labels, GRID, k=4) == pytest.approx((100 + 0) / 256)
+    assert GM.subcell_coverage(pts, labels, GRID, k=1) == pytest.approx((100 + 16) / 256)
+    # default k: half the uniform count per sub-cell, at least 1: class 0 int(400 / 128 / 2) = 1; class 1 1
+    assert GM.subcell_coverage(pts, labels, GRID) == pytest.approx((100 + 16) / 256)
+    assert GM.subcell_coverage(pts, labels, GRID, k=5) == 0.0
+    assert GM.subcell_coverage(pts, 1 - labels, GRID, k=1) == 0.0   # samples in the other class's squares count nothing
+    assert GM.subcell_coverage(sub0, torch.zeros(128, dtype=torch.long), GRID, split=2, k=4) == pytest.approx(64 / 128)
+
+
+def test_subcell_coverage_falls_where_squares_coverage_saturates():
+    """Points pulled halfway to their square's centre (what guidance does) leave the outer ring of sub-cells
+    empty: 4 of 16 per square stay covered, while every square still holds its samples."""
+    labels = torch.arange(4000) % 2
+    pts, _ = GRID.sample(4000, labels, torch.Generator().manual_seed(2))
+    centre = torch.floor(pts + 2) - 2 + 0.5
+    shrunk = centre + 0.5 * (pts - centre)
+    assert GM.coverage(pts, labels, GRID) == 1.0 and GM.coverage(shrunk, labels, GRID) == 1.0
+    assert GM.subcell_coverage(shrunk, labels, GRID) == pytest.approx(0.25)
+    assert GM.subcell_coverage(pts, labels, GRID) >= 0.97         # uniform: ~15.6 per sub-cell, k = 7
 
 
 def test_coverage_counts_squares_with_k_samples():
@@ -66,11 +112,15 @@ def test_grid_metrics_of_true_samples():
     labels = torch.arange(4000) % 2
     pts, _ = GRID.sample(4000, labels, torch.Generator().manual_seed(5))
     m = GM.grid_metrics(pts, labels, GRID, seed=1)
+    assert tuple(m) == GM.GRID_METRICS
     assert m["in_class"] == 1.0 and m["off_support"] == 0.0 and m["coverage"] == 1.0
+    assert m["wrong_class"] == 0.0 and m["off_board"] == 0.0 and m["subcell_coverage"] >= 0.97
     assert m["swd"] < 0.05 and 0.3 < m["center_dist"] < 0.45  # uniform on a unit square: E|p - c| ~ 0.383
     noise = torch.randn(4000, 2) * 2
     bad = GM.grid_metrics(noise, labels, GRID, seed=1)
     assert 0.3 < bad["off_support"] < 0.8 and bad["swd"] > 5 * m["swd"]
+    assert bad["wrong_class"] + bad["off_board"] == pytest.approx(bad["off_support"])
+    assert bad["off_board"] == pytest.approx(float((noise.abs() > 2).any(1).float().mean()))
 
 
 # ----------------------------------------------------------------------------- generation
@@ -125,3 +175,11 @@ def test_save_images(tmp_path):
 def test_throughput_reports_nfe(sample_fn):
     r = measure_throughput(sample_fn, batch_size=8, num_classes=2, warmup=1, repeats=2)
     assert r["nfe"] == 4 and r["img_per_s"] > 0 and r["img_per_s"] == pytest.approx(8 / r["s_per_batch"])
+
+
+def test_every_grid2d_metric_is_in_the_registry_with_a_direction_and_a_definition():
+    from mgbench.metric_registry import METRICS, family_metrics
+
+    assert family_metrics("grid2d") == list(GM.GRID_METRICS)
+    assert all(METRICS[m].header and METRICS[m].meaning for m in GM.GRID_METRICS)
+    assert [m for m in GM.GRID_METRICS if METRICS[m].higher_is_better] == ["in_class", "coverage", "subcell_coverage"]

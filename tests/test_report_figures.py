@@ -101,6 +101,31 @@ def test_fig2_toy_samples(runs, store, tmp_path):
     per = data.groupby(["method", "kind"]).size()
     assert per[("vanilla", "sample")] == 200 and per[("vanilla", "traj")] == 5 * 64
     assert set(data["label"]) == {0, 1}
+    assert data.drop_duplicates("method").sort_values("panel")["method"].tolist() == ["vanilla", "CFG s=1.00",
+                                                                                      "MG w=1.50"]
+
+
+def test_fig2_legend_caption_board_and_guidance_order():
+    import pandas as pd
+
+    methods = ["MG w=1.50", "vanilla", "MG w=1.25 + CFG s=0.50", "MG w=1.25", "CFG s=2.00", "MG w=auto", "CFG s=0.50"]
+    rng = np.random.default_rng(1)
+    data = pd.DataFrame([{"method": m, "run_id": "r", "kind": "sample", "i": i, "step": -1, "x": x, "y": y,
+                          "label": i % 2} for m in methods for i, (x, y) in enumerate(rng.uniform(-2, 2, (20, 2)))])
+    caption = F.fig2_caption(data, {"MG w=1.50": 1.0, "MG w=1.25": 1 / 3})
+    fig = F.draw_fig2(data, cells=4, caption=caption)
+    n = len(methods)
+    assert [ax.get_title() for ax in fig.axes[:n]] == ["vanilla", "CFG s=0.50", "CFG s=2.00", "MG w=1.25", "MG w=1.50",
+                                                       "MG w=auto", "MG w=1.25 + CFG s=0.50"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["class 0", "class 1"]
+    assert [t.get_text() for t in fig.texts] == [caption]
+    assert "MG w=1.25 trains towards CFG s=0.33; MG w=1.50 trains towards CFG s=1.00" in caption
+    assert "20 samples each" in caption and "in order of guidance strength" in caption
+    assert len(fig.axes[0].patches) == 16                          # the 4x4 board under the samples
+    assert all(ax.get_xlim() == (-2.5, 2.5) for ax in fig.axes[:3 * n])   # every panel on the same scale
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_figures_idempotent(store, tmp_path):

@@ -98,12 +98,12 @@ def test_unknown_study_is_an_error(store):
 def test_table3_values_seeds_failed_missing(ablate):
     t = build_table(ablate, 3, "ablate")
     dit = dict(source="measured", model="DiT-T/2")
-    w15 = _row(t, setting="w=1.50", extra="objective.label_drop=0.1", **dit)
+    w15 = _row(t, setting="w=1.50", extra="lambda=0.1", **dit)
     # Runs from before sample seeds (K = 1): the SE is the SD of the 3 run values over sqrt(3).
     assert (w15["fid"], w15["n_finished"], w15["fid_n"], w15["sample_seeds"]) == (8.0, 3, 3, "1")
     assert w15["fid_se"] == pytest.approx(1.0 / math.sqrt(3)) and w15["train_seeds"] == "0 1 2"
     assert w15["is"] == pytest.approx(110.0) and w15["is_se"] == pytest.approx(10.0 / math.sqrt(3))
-    assert _row(t, setting="w=1.50", extra="objective.label_drop=0.2", **dit)["fid"] == 11.0
+    assert _row(t, setting="w=1.50", extra="lambda=0.2", **dit)["fid"] == 11.0
     assert _row(t, setting="w=auto", **dit)["fid"] == 7.5
     failed = _row(t, setting="w=2.00", **dit)
     assert failed["status"] == "1 failed" and failed["n_runs"] == 1 and math.isnan(failed["fid"])
@@ -118,7 +118,7 @@ def test_table3_values_seeds_failed_missing(ablate):
 
 def test_table3_text(ablate):
     md = to_markdown(build_table(ablate, 3, "ablate"))
-    assert ("| DiT-T/2 | +MG | w=1.50 [objective.label_drop=0.1] | measured: digits, 2000 steps | 3x1 | "
+    assert ("| DiT-T/2 | +MG | w=1.50 [lambda=0.1] | measured: digits, 2000 steps | 3x1 | "
             "8.00 ± 0.58 |") in md
     assert "| DiT-T/2 | +MG | w=2.00 | measured: digits, 2000 steps | 0/1 (1 failed) | failed |" in md
     assert f"| DiT-T/2 | +MG | w=1.75 | measured: digits, 2000 steps | 0 (missing) | {DASH} |" in md
@@ -334,7 +334,7 @@ def test_table5_matched_strength_and_best_w(seeded):
     best = rows.loc["w_input=yes, best fed w=2.00 (s=1.00; lowest FID of 3 fed w)"]
     assert best["fid"] == pytest.approx(8.0) and best["row_kind"] == "best w"
     assert not block.loc[block["row_kind"] != "nominal", "fid_best"].any()
-    assert block.loc[block["fid_best"], "extra"].tolist() == ["objective.w=1.5"]      # the fixed w=1.5 row, 7.53
+    assert block.loc[block["fid_best"], "extra"].tolist() == ["w=1.5"]      # the fixed w=1.5 row, 7.53
 
 
 def test_per_run_csv(seeded, tmp_path):
@@ -379,3 +379,120 @@ def test_run_values_tracked_mean_seed_fallback_and_mixed_k():
     row = summarise(columns_of(runs), ["fid"])
     assert (row["n_runs"], row["n_finished"], row["status"], row["sample_seeds"]) == (3, 2, "1 failed", "2-5")
     assert row["fid"] == pytest.approx(6.3) and row["fid_se"] == pytest.approx(_se([7.1, 5.5])) and row["fid_n"] == 2
+
+
+# ----------------------------------------------------------------------------- the 2D toy table
+
+TOY = {"model.arch": "MLP-S", "data.name": "grid2d", "objective.formulation": "flow", "sample.steps": 50}
+IMPLIED = "objective.implied_cfg_scale"     # logged by the trainer beside the config (not a config field)
+
+
+def _grid(prefix: str, in_class: float, wrong: float, sub: float, coverage: float = 1.0) -> dict:
+    """Tracked grid2d metrics under `prefix` (eval/ or a sweep's name format), NFE of 50 steps x 1."""
+    values = {"in_class": in_class, "wrong_class": wrong, "off_board": round(1 - in_class - wrong, 6),
+              "off_support": round(1 - in_class, 6), "coverage": coverage, "subcell_coverage": sub, "swd": 0.1,
+              "center_dist": 0.3}
+    return {prefix.format(m): v for m, v in values.items()}
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    """Study `toy`: vanilla at 2 training seeds x 3 sample seeds with a CFG sweep (0.5, 1.0); MG w=1.5 (implied
+    s = 1) at 2 seeds; MG w=1.25 from before wrong_class/off_board/subcell_coverage existed; MG w=1.75 failed."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("toy")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    exp, parent = start_study(client, "toy", str(root / "art"))
+    ev, sw = "eval/{}", lambda s: T.metric_sweep(s, "{}")
+    runs = []
+    for seed, (a, b) in enumerate([(0.78, 0.86), (0.80, 0.84)]):
+        metrics = {**_grid(ev, a, 0.19, b), **_grid(sw(0.5), a + 0.09, 0.10, b - 0.08),
+                   **_grid(sw(1.0), a + 0.14, 0.06, b - 0.22), T.M_NFE: 50.0, T.metric_sweep(0.5, "nfe"): 100.0,
+                   T.metric_sweep(1.0, "nfe"): 100.0, T.M_SAMPLE_SEEDS: 3.0, T.metric_se("eval/in_class"): 0.01}
+        runs.append(({**TOY, "objective.w": 1.0, "train.seed": seed}, metrics, "finished"))
+    for seed, a in enumerate([0.92, 0.93]):
+        metrics = {**_grid(ev, a, 0.06, 0.70), T.M_NFE: 50.0}
+        runs.append(({**TOY, "objective.w": 1.5, "train.seed": seed, IMPLIED: 1.0}, metrics, "finished"))
+    old = {"eval/in_class": 0.85, "eval/off_support": 0.15, "eval/coverage": 1.0, "eval/swd": 0.06,
+           "eval/center_dist": 0.36, T.M_NFE: 50.0}
+    runs.append(({**TOY, "objective.w": 1.25, IMPLIED: 1 / 3}, old, "finished"))
+    runs.append(({**TOY, "objective.w": 1.75, IMPLIED: 3.0}, {}, "failed"))
+    for i, (over, metrics, status) in enumerate(runs):
+        params = {**trial_params(**{k: v for k, v in over.items() if k != IMPLIED}), IMPLIED: str(over.get(IMPLIED))}
+        log_trial(client, "toy", exp, parent, i, params, metrics, status=status, scale="grid2d, 3000 steps")
+    return L.load_runs(uri, "toy")
+
+
+def test_toy_table_values_seeds_and_matched_row(toy_runs):
+    from mgbench.report.toy import toy_table
+
+    table, notes = toy_table(toy_runs)
+    assert table["method"].tolist() == ["vanilla (conditional)", "CFG s=0.50", "CFG s=1.00", "MG w=1.25", "MG w=1.50",
+                                        "CFG s=1.00 (matched to MG w=1.50)", "MG w=1.75"]
+    rows = table.set_index("method")
+    van = rows.loc["vanilla (conditional)"]
+    assert van["in_class"] == pytest.approx(0.79) and van["in_class_se"] == pytest.approx(0.01)  # |a - b| / 2
+    assert (van["in_class_n"], van["n_finished"], van["sample_seeds"]) == (2, 2, "3")
+    assert van["nfe_per_step"] == 1.0 and rows.loc["CFG s=0.50", "nfe_per_step"] == 2.0
+    assert rows.loc["CFG s=1.00", "subcell_coverage"] == pytest.approx(0.85 - 0.22)
+    mg = rows.loc["MG w=1.50"]
+    assert mg["in_class"] == pytest.approx(0.925) and mg["implied_s"] == 1.0 and mg["kind"] == "nominal"
+    matched = rows.loc["CFG s=1.00 (matched to MG w=1.50)"]
+    assert matched["kind"] == "matched" and matched["in_class"] == rows.loc["CFG s=1.00", "in_class"]
+    old = rows.loc["MG w=1.25"]        # a run from before the split: what it has, the rest absent
+    assert old["in_class"] == 0.85 and math.isnan(old["wrong_class"]) and math.isnan(old["subcell_coverage"])
+    assert rows.loc["MG w=1.75", "status"] == "1 failed" and rows.loc["MG w=1.75", "n_finished"] == 0
+    assert notes == ["MG w=1.25 trains towards CFG s=0.33, which the study did not sweep "
+                     "(add 0.33 to eval.cfg_sweep to place it beside)."]
+    # best: in-class highest among rows as sampled (the matched copy never), none where every row ties
+    assert table.loc[table["in_class_best"], "method"].tolist() == ["CFG s=1.00"]   # 0.93, not its matched copy
+    assert table.loc[table["wrong_class_best"], "method"].tolist() == ["CFG s=1.00", "MG w=1.50"]   # a tie: both
+    assert not table["coverage_best"].any()
+
+
+def test_toy_markdown_defines_every_column_with_its_direction(toy_runs, tmp_path):
+    from mgbench.metric_registry import METRICS as REG
+    from mgbench.report.toy import METRICS, write_toy
+
+    md_path, csv_path = write_toy(toy_runs, "toy", tmp_path)
+    md = md_path.read_text()
+    lines = md.splitlines()
+    header = lines[2]
+    assert header.startswith("| Method | NFE/step | implied s | Seeds | in-class ↑ | wrong-class ↓ | off-board ↓ | "
+                             "coverage ↑ | sub-cell coverage ↑ |") and "Runs" not in header
+    for m in METRICS:                                   # every metric column defined under the table
+        arrow = "↑" if REG[m].higher_is_better else "↓"
+        assert f"{REG[m].header} {arrow}: {REG[m].meaning}" in md
+    for column in ("NFE/step:", "implied s:", "Seeds:", "vanilla (conditional) =", "CFG s=S =", "MG w=W ="):
+        assert column in md
+    body = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[4:11]}
+    assert body["vanilla (conditional)"][3] == "2x3" and body["MG w=1.50"][3] == "2x1"
+    assert body["MG w=1.25"][3] == "1x1" and body["MG w=1.25"][5] == DASH           # old run: wrong-class absent
+    assert body["MG w=1.75"][3] == "0/1 (1 failed)" and body["MG w=1.75"][4] == "failed"
+    assert body["vanilla (conditional)"][4] == "0.790 ± 0.010"
+    assert body["MG w=1.50"][4] == "0.9250 ± 0.0050" and body["CFG s=1.00"][4] == "**0.930 ± 0.010**"
+    assert "**" not in " ".join(row[7] for row in body.values())      # coverage ties everywhere: no bold
+    assert "mean ± std over seeds" not in md and "(add 0.33 to eval.cfg_sweep" in md
+    mg = lines.index("| MG w=1.50 | 1 | 1.00 | 2x1 | 0.9250 ± 0.0050 | **0.060 ± 0.000** | 0.0150 ± 0.0050 | "
+                     "1.000 ± 0.000 | 0.700 ± 0.000 | 0.100 ± 0.000 | **0.300 ± 0.000** |")
+    assert lines[mg + 1].startswith("| CFG s=1.00 (matched to MG w=1.50) | 2 | – | 2x3 | 0.930 ± 0.010 | "
+                                    "0.060 ± 0.000 |")
+    again = write_toy(toy_runs, "toy", tmp_path / "again")
+    assert [p.read_bytes() for p in again] == [md_path.read_bytes(), csv_path.read_bytes()]
+
+
+def test_report_all_on_an_image_study_skips_the_toy_and_what_has_no_data(store, tmp_path):
+    """`ablate` holds digits runs with final FID/IS/precision (no CFG sweep, no grid2d run, no model size)."""
+    skipped: list[tuple[str, str]] = []
+    paths = render("all", "ablate", store, tmp_path, skipped=skipped)
+    reasons = dict(skipped)
+    assert sorted(reasons) == ["fig2", "fig4", "fig6", "toy"]
+    assert reasons["toy"] == "the toy table reads the 2D checkerboard's metrics; no grid2d run"
+    assert reasons["fig2"] == "Fig. 2 plots the 2D toy's samples; no finished grid2d run"
+    assert reasons["fig4"].startswith("Fig. 4 plots FID and IS against the CFG scale; no run has them at more than "
+                                      "one scale")                    # each run's own FID alone is a point, no curve
+    assert reasons["fig6"].endswith(f"no run with FID has its size ({T.M_PARAMS})")
+    assert {p.name for p in paths} >= {f"table{n}.md" for n in range(1, 9)} | {"fig5_convergence.csv"}
+    assert not any(p.name.startswith(("toy", "fig2", "fig4", "fig6")) for p in tmp_path.iterdir())

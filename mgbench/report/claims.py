@@ -22,11 +22,11 @@ import pandas as pd
 
 from mgbench import tracking as T
 from mgbench.config import ConfigError, TrainConfig, load_yaml
+from mgbench.metric_registry import METRICS
 from mgbench.report import load as L
 from mgbench.report.stats import Difference, Estimate, compare, estimate, verdict
 
-LOWER_IS_BETTER = {"fid": True, "sfid": True, "kid": True, "off_support": True, "swd": True, "center_dist": True,
-                   "is": False, "precision": False, "recall": False, "in_class": False, "coverage": False}
+LOWER_IS_BETTER = {m: not info.higher_is_better for m, info in METRICS.items() if info.family != "speed"}  # registry
 KINDS = ("better", "equivalent")
 MEASURES = ("cfg_scale", "fed_w")          # a side's measurement other than the run's own evaluation
 CLAIM_KEYS = {"id", "claim", "paper", "studies", "metric", "kind", "margin", "a", "b"}

@@ -18,6 +18,7 @@ FIGURES = ["fig2", "fig4", "fig5", "fig6"]
 FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_convergence", "fig6": "fig6_scaling"}
 EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
 CLAIMS_OUT = "runs/claims"   # `report claims` without --out (the committed verdicts: --out reports)
+ALL = [*TABLES, *FIGURES, "toy"]   # `all`: of these, what the study's runs can fill (the rest: one line each, why)
 CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all", "claims"]  # claims: verdicts of --claims FILE
 
 
@@ -25,7 +26,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Add the `report` sub-command to the `mgbench` parser."""
     p = subparsers.add_parser("report", help="render the paper's tables and figures from a study's MLflow runs",
                               description=__doc__)
-    p.add_argument("what", choices=CHOICES, help="one table or figure, or tables | figures | all")
+    p.add_argument("what", choices=CHOICES, help="one table or figure, or tables | figures | all (all: what the "
+                                                 "study's runs can fill, Tables 1-8, Figs. 2-6 and the toy table; "
+                                                 "prints what it skipped and why)")
     p.add_argument("--study", action="append",   # required, except for `claims` (its file names its studies)
                    help="a study: its spec file (studies/X.yaml: name and tracking URI from the spec) or its name "
                         "(the MLflow experiment at --tracking-uri); repeat to render several studies as one "
@@ -50,7 +53,55 @@ def default_out(study: str) -> Path:
 
 def expand(what: str) -> list[str]:
     """`tables`, `figures` and `all` -> the single items they stand for."""
-    return {"tables": TABLES, "figures": FIGURES, "all": TABLES + FIGURES}.get(what, [what])
+    return {"tables": TABLES, "figures": FIGURES, "all": ALL}.get(what, [what])
+
+
+def _data_names(runs: pd.DataFrame) -> str:
+    from mgbench.report.load import P_DATA
+
+    names = sorted(str(d) for d in runs[P_DATA].dropna().unique()) if P_DATA in runs else []
+    return ", ".join(names) or "none"
+
+
+def table_gap(table, runs: pd.DataFrame) -> str:
+    """Why a built table has no measured value ("" when it has one)."""
+    from mgbench.report.specs import METRICS
+
+    measured = table.rows[table.rows["source"] == "measured"]
+    if measured[list(table.spec.metrics)].notna().to_numpy().any():
+        return ""
+    headers = ", ".join(h for m, h, *_ in METRICS if m in table.spec.metrics)
+    return (f"Table {table.spec.number} ({table.spec.title}) reads {headers}; no run of this study has them "
+            f"(its runs' data: {_data_names(runs)})")
+
+
+def _curves(fig4: pd.DataFrame) -> bool:
+    """Whether some training has a metric at two or more CFG scales (a curve, not a point)."""
+    keys = ["model", "scale", "training", "metric"]
+    return not fig4.empty and bool((fig4.groupby(keys)["cfg_scale"].nunique() >= 2).any())
+
+
+def figure_gap(item: str, runs: pd.DataFrame) -> str:
+    """Why the runs cannot fill a figure or the toy table ("" when they can)."""
+    from mgbench import tracking as T
+    from mgbench.report import figures
+    from mgbench.report import load as L
+
+    done = runs[runs[L.STATUS] == "finished"] if L.STATUS in runs else runs.iloc[:0]
+    has_fid = figures.FID in done and done[figures.FID].notna().any()
+    if item == "fig2" and figures.one_run_per_method(runs).empty:
+        return "Fig. 2 plots the 2D toy's samples; no finished grid2d run"
+    if item == "fig4" and not _curves(figures.fig4_data(runs)):
+        return ("Fig. 4 plots FID and IS against the CFG scale; no run has them at more than one scale "
+                "(eval.cfg_sweep on an image study)")
+    if item in ("fig5", "fig6") and not has_fid:
+        what = "against training steps" if item == "fig5" else "against model size and sampling compute"
+        return f"Fig. {item[3]} plots FID {what}; no finished run has FID (its runs' data: {_data_names(runs)})"
+    if item == "fig6" and figures.fig6_data(runs)[["n_params", "sampling_gflops"]].isna().all().all():
+        return f"Fig. 6 plots FID against model size and sampling compute; no run with FID has its size ({T.M_PARAMS})"
+    if item == "toy" and (L.P_DATA not in runs or not (runs[L.P_DATA] == "grid2d").any()):
+        return "the toy table reads the 2D checkerboard's metrics; no grid2d run"
+    return ""
 
 
 def _write_csv(data: pd.DataFrame, path: Path) -> Path:
@@ -92,9 +143,10 @@ def load_sources(sources: list[Source]) -> tuple[pd.DataFrame, dict[str, str | N
 
 
 def render(what: str, study: str | list[Source], tracking_uri: str | None = None,
-           out: str | Path | None = None) -> list[Path]:
+           out: str | Path | None = None, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Render tables/figures of one study, or of several as one (a list of (name, tracking URI));
-    returns the files written (same runs -> same bytes)."""
+    returns the files written (same runs -> same bytes). `all` renders only what the runs can fill and
+    appends (item, why) to `skipped` for the rest."""
     from mgbench.report import figures
     from mgbench.report.render import write_table
     from mgbench.report.tables import build_table, prepare_runs
@@ -112,9 +164,15 @@ def render(what: str, study: str | list[Source], tracking_uri: str | None = None
     tracking_uri = run_uris if several else sources[0][1]
     prepared = prepare_runs(runs) if any(i in TABLES for i in expand(what)) else None
     paths: list[Path] = []
+    only_filled, skipped = what == "all", skipped if skipped is not None else []
     for item in expand(what):
-        if item in TABLES:
-            paths += write_table(build_table(prepared, int(item[5:]), study), out_dir)
+        table = build_table(prepared, int(item[5:]), study) if item in TABLES else None
+        gap = only_filled and (table_gap(table, runs) if table is not None else figure_gap(item, runs))
+        if gap:
+            skipped.append((item, gap))
+            continue
+        if table is not None:
+            paths += write_table(table, out_dir)
         elif item == "fig2":
             paths.append(_write_csv(figures.fig2(runs, tracking_uri, out_dir), out_dir / "fig2_toy.csv"))
         elif item == "fig4":
@@ -153,13 +211,16 @@ def run_report(args: argparse.Namespace) -> int:
         from mgbench.stores import require_runs
 
         require_runs(sources, args.study)   # no runs: one line naming `mgbench study run SPEC`; creates no store or folder
-        paths = render(args.what, sources, out=args.out)
+        skipped: list[tuple[str, str]] = []
+        paths = render(args.what, sources, out=args.out, skipped=skipped)
     except (ConfigError, LookupError, ValueError) as e:
         from mgbench.cli import print_error
 
         return print_error("mgbench report", e)
     for path in paths:
         print(path)
+    for item, why in skipped:
+        print(f"skipped {item}: {why}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Tidy runs -> the paper's Figures 2, 4, 5 and 6 (seaborn; PNG and PDF); each returns the data it plotted."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,7 @@ def fig2_data(runs: pd.DataFrame, samples: dict[str, dict[str, np.ndarray]], max
     return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
-def _one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
+def one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
     if L.P_DATA not in runs:
         return runs.iloc[:0]
     done = runs[(runs[L.STATUS] == "finished") & (runs[L.P_DATA] == "grid2d")]
@@ -285,26 +286,75 @@ def _cfg_panels(chosen: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def fig2(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> pd.DataFrame:
-    """Figure 2: the 2D toy; samples, trajectories and density per method (one run each, the lowest seed)."""
-    chosen = _one_run_per_method(runs)
-    samples = {rid: load_samples(tracking_uri, rid) for rid in chosen[L.RUN_ID]}
-    data = pd.concat([fig2_data(chosen, samples), _cfg_panels(chosen, tracking_uri)], ignore_index=True)
-    # The paper's order: the conditional model, CFG on it, then MG.
-    rank = {"vanilla": 0, "CFG": 1}
-    methods = sorted(dict.fromkeys(data["method"]), key=lambda m: rank.get(m.split(" ")[0], 2))
+def guidance_order(method: str) -> tuple:
+    """Panel order of Fig. 2: vanilla, CFG by scale, MG by w (automatic w last), MG + CFG by w then scale."""
+    def number(text: str) -> float:
+        try:
+            return float(text.split("=", 1)[1].split(" ", 1)[0])
+        except (IndexError, ValueError):
+            return math.inf           # MG AUTO, w ranges: after the numbers
+    parts = method.split(" + ")
+    if method == "vanilla":
+        return (0, 0.0, 0.0, method)
+    if method.startswith("CFG"):
+        return (1, number(method), 0.0, method)
+    return (2 if len(parts) == 1 else 3, number(parts[0]), number(parts[1]) if len(parts) > 1 else 0.0, method)
+
+
+def fig2_caption(data: pd.DataFrame, implied: dict[str, float]) -> str:
+    """What Fig. 2 shows, for the text under it."""
+    mg = [f"{m} trains towards CFG s={s:.2f}" for m, s in sorted(implied.items(), key=lambda i: guidance_order(i[0]))]
+    n = data[data["kind"] == "sample"].groupby("method").size()
+    return ("Fig. 2: the 2D toy (two-class checkerboard; shaded squares: where each class's data lies). Columns: the "
+            "conditional model (vanilla, 1 network forward per step), CFG on it at each swept scale s (pred = cond + "
+            "s (cond - uncond), 2 forwards), MG models at each w (1 forward), in order of guidance strength; one run "
+            f"per method (lowest training seed), {int(n.min()) if len(n) else 0} samples each. Rows: final samples "
+            "coloured by their class label; sampling trajectories (noise to data) of the first samples; sample "
+            "density (2D histogram, darker = more samples). " + ("; ".join(mg) + " (f g / (1 - f g))." if mg else ""))
+
+
+def draw_fig2(data: pd.DataFrame, cells: int = 4, half_width: float = 2.0, caption: str = "") -> Any:
+    """The Fig. 2 figure: one column per method in guidance order, the board drawn under the samples."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    methods = sorted(dict.fromkeys(data["method"]), key=guidance_order)
     plt, sns = _plt()
-    fig, axes = plt.subplots(3, max(len(methods), 1), figsize=(3 * max(len(methods), 1), 8.4), squeeze=False)
+    colours = dict(enumerate(sns.color_palette("deep", 2)))
+    ncol = max(len(methods), 1)
+    fig, axes = plt.subplots(3, ncol, figsize=(3 * ncol, 9.4), squeeze=False)
+    size, lim = 2 * half_width / cells, half_width + 0.5
     for j, method in enumerate(methods):
         pts = data[(data["method"] == method) & (data["kind"] == "sample")]
         traj = data[(data["method"] == method) & (data["kind"] == "traj")]
-        sns.scatterplot(pts, x="x", y="y", hue="label", s=3, linewidth=0, palette="deep", ax=axes[0, j], legend=False)
-        sns.lineplot(traj, x="x", y="y", units="i", hue="label", estimator=None, sort=False, lw=0.4, alpha=0.6,
-                     palette="deep", ax=axes[1, j], legend=False) if not traj.empty else None
-        sns.histplot(pts, x="x", y="y", bins=60, ax=axes[2, j], cmap="mako")
+        for i in range(cells):    # the board: class (i + j) % 2 squares, shaded in their class's colour
+            for k in range(cells):
+                axes[0, j].add_patch(Rectangle((-half_width + i * size, -half_width + k * size), size, size, lw=0,
+                                               color=colours[(i + k) % 2], alpha=0.12))
+        sns.scatterplot(pts, x="x", y="y", hue="label", s=3, linewidth=0, palette=colours, ax=axes[0, j], legend=False)
+        if not traj.empty:
+            sns.lineplot(traj, x="x", y="y", units="i", hue="label", estimator=None, sort=False, lw=0.4, alpha=0.6,
+                         palette=colours, ax=axes[1, j], legend=False)
+        sns.histplot(pts, x="x", y="y", bins=60, binrange=(-lim, lim), ax=axes[2, j], cmap="mako")
         axes[0, j].set_title(method)
         for i, what in enumerate(("samples", "trajectories", "density")):
-            axes[i, j].set(xlabel="", ylabel=what if j == 0 else "", aspect="equal")
-    fig.tight_layout()
+            axes[i, j].set(xlabel="", ylabel=what if j == 0 else "", aspect="equal", xlim=(-lim, lim), ylim=(-lim, lim))
+    handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=f"class {c}") for c in (0, 1)]
+    fig.legend(handles=handles, loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.text(0.01, 0.01, caption, ha="left", va="bottom", fontsize=8, wrap=True)
+    return fig
+
+
+def fig2(runs: pd.DataFrame, tracking_uri: str | None, out_dir: str | Path) -> pd.DataFrame:
+    """Figure 2: the 2D toy; samples, trajectories and density per method (one run each, the lowest seed)."""
+    chosen = one_run_per_method(runs)
+    samples = {rid: load_samples(tracking_uri, rid) for rid in chosen[L.RUN_ID]}
+    data = pd.concat([fig2_data(chosen, samples), _cfg_panels(chosen, tracking_uri)], ignore_index=True)
+    implied = {method_label(r): float(r["objective.implied_cfg_scale"]) for r in _finished(chosen)
+               if r[L.VARIANT] == "mg" and not uses_cfg(r) and r.get("objective.implied_cfg_scale") is not None}
+    cells = chosen["data.grid_cells"].dropna().unique() if "data.grid_cells" in chosen else []
+    fig = draw_fig2(data, int(cells[0]) if len(cells) == 1 else 4, caption=fig2_caption(data, implied))
     save_figure(fig, out_dir, "fig2_toy")
-    return data
+    order = {m: i for i, m in enumerate(sorted(dict.fromkeys(data["method"]), key=guidance_order))}
+    return data.assign(panel=data["method"].map(order).astype("Int64"))

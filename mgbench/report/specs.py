@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from mgbench import tracking as T
@@ -30,7 +31,28 @@ SPEC_COLUMNS = [L.P_GUIDANCE, L.P_ARCH, L.P_FORMULATION, L.P_W, L.P_W_RANGE, L.P
 # the value itself: runs that differ only there share a row (its Runs cell shows the K it really has).
 IGNORED_PARAMS = {"name", "out_dir", "data.cache_dir", "data.path", "data.vae", L.P_SEED, "sample.seed",
                   "train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.max_steps_per_run",
-                  "train.device", "sample.n_grid", "eval.sample_seeds", "eval.cfg_sweep", "eval.w_sweep"}
+                  "train.device", "sample.n_grid", "eval.sample_seeds", "eval.cfg_sweep", "eval.w_sweep",
+                  "objective.implied_cfg_scale"}   # implied s follows from w, the MG fraction and w input
+
+# How a param that splits a row is named in a table: the paper's words, not config keys.
+PARAM_WORDS = {
+    L.P_W: "w", L.P_W_RANGE: "w range", L.P_AUTO_W: "automatic w", L.P_LABEL_DROP: "lambda",
+    L.P_EMPTY: "empty class", L.P_W_INPUT: "w as input", L.P_FORMULATION: "formulation", L.P_ARCH: "model",
+    L.P_DATA: "data", L.P_SIZE: "image size", L.P_STEPS: "training steps", L.P_GUIDANCE: "guidance",
+    L.P_CFG_SCALE: "CFG s", "objective.mg_fraction": "MG share of batch", "objective.t_high": "MG below t",
+    "optim.lr": "learning rate", "optim.batch_size": "batch size", "optim.ema_decay": "EMA decay",
+    "sample.steps": "sampling steps", "sample.sampler": "sampler", "eval.n_samples": "eval samples",
+}
+
+
+def param_text(name: str, value: Any) -> str:
+    """`lambda=0.1`: a param and its value in words (other params: their last name part, `_` as spaces)."""
+    word = PARAM_WORDS.get(name, name.rsplit(".", 1)[-1].replace("_", " "))
+    if isinstance(value, (bool, np.bool_)):
+        value = "yes" if value else "no"
+    elif isinstance(value, float):
+        value = f"{value:.4g}"
+    return f"{word}={value}"
 
 
 def model_label(arch: Any, formulation: Any) -> str:

@@ -17,7 +17,7 @@ from mgbench import tracking as T
 from mgbench.report import load as L
 from mgbench.report.matched import matched_rows
 from mgbench.report.specs import METRIC_COLUMN, METRICS, IGNORED_PARAMS, SPEC_COLUMNS, SPECS, VARIANT_RANK, \
-    TableSpec, model_family, model_label
+    TableSpec, model_family, model_label, param_text
 from mgbench.report.values import SEED, K, columns_of, per_run_frame, run_values, summarise
 
 DIRECTION = {m: higher for m, _, _, higher in METRICS}
@@ -90,7 +90,7 @@ def prepare_runs(runs: pd.DataFrame | PreparedRuns) -> PreparedRuns:
     codes, text = {}, {}
     for p in params:
         codes[p], uniques = pd.factorize(runs[p].astype(object), use_na_sentinel=False)
-        text[p] = np.array([f"{p}={_plain(u)}" for u in uniques], dtype=object)[codes[p]]
+        text[p] = np.array([param_text(p, _plain(u)) for u in uniques], dtype=object)[codes[p]]   # human words
     values = run_values(runs, {m: METRIC_COLUMN[m] for m, *_ in METRICS})
     return PreparedRuns(df, records, pd.DataFrame(codes, index=runs.index), pd.DataFrame(text, index=runs.index),
                         values)

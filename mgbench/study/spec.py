@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mgbench.config import ConfigError, TrainConfig, from_dict, load_yaml, set_dotted, train_config_from_dict
+from mgbench.metric_registry import family_metrics
 from mgbench.redact import mask_uri, redact, stash_uri, unstash_uri
 from mgbench.study.guards import check_option_keys, check_text
 
@@ -28,7 +29,7 @@ MAX_CORNER_CHECKS = 256  # search spaces: validate at most this many corner conf
 STORAGE_SCHEMES = ("sqlite", "journal", "postgresql", "mysql")  # Optuna storages (RDB schemes may add +driver)
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")  # MLflow
 DEFAULT_EVAL_HOOK = "mgbench.evaluation:make_eval_hook"
-GRID2D_METRICS = ("in_class", "off_support", "coverage", "swd", "center_dist")  # mgbench.evaluation.grid2d.grid_metrics
+GRID2D_METRICS = tuple(family_metrics("grid2d"))  # the registry, in mgbench.evaluation.grid2d.grid_metrics order
 IMAGE_METRICS = ("fid", "sfid", "is", "kid", "precision", "recall")  # mgbench.evaluation.metrics.IMAGE_METRICS
 
 
