@@ -93,7 +93,7 @@ def test_bench_sections_named_without_torch_are_the_reports():
      "'frontier', 'ui', 'dashboard', 'bench') (did you mean 'train'?)"),
     (["study", "vaildate", "x.yaml"], "usage: mgbench study [-h]",
      "mgbench study: error: argument COMMAND: invalid choice: 'vaildate' (choose from 'validate', 'run', 'status', "
-     "'resume') (did you mean 'validate'?)"),
+     "'resume', 'cancel') (did you mean 'validate'?)"),
     (["study", "run", "x.yaml", "--dryrun"], "usage: mgbench study run [-h]",
      "mgbench study run: error: unrecognized arguments: --dryrun (did you mean '--dry-run'?)"),
     (["frontier", "--study", "x", "--quality", "fdi"], "usage: mgbench frontier [-h]",

@@ -9,9 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mgbench.config import ConfigError
+
+if TYPE_CHECKING:   # pandas only where tables are built: `mgbench report --help` stays fast
+    import pandas as pd
 
 TABLES = [f"table{n}" for n in range(1, 9)]
 FIGURES = ["fig2", "fig4", "fig5", "fig6"]
@@ -19,7 +22,8 @@ FIGURE_STEMS = {"fig2": "fig2_toy", "fig4": "fig4_cfg_scale", "fig5": "fig5_conv
 EXTRAS = ["toy", "frontier"]  # the 2D toy table (quickstart); MG against the CFG frontier (effective scale s*)
 CLAIMS_OUT = "runs/claims"   # `report claims` without --out (the committed verdicts: --out reports)
 ALL = [*TABLES, *FIGURES, "toy"]   # `all`: of these, what the study's runs can fill (the rest: one line each, why)
-CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all", "claims"]  # claims: verdicts of --claims FILE
+CHOICES = [*TABLES, *FIGURES, *EXTRAS, "tables", "figures", "all", "claims", "system"]  # claims: verdicts of --claims
+# FILE; system: best MG vs best CFG at equal NFE, re-evaluating a table3-style study's checkpoints (report/system.py)
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +46,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "lines (e.g. reports/README.md)")
     p.add_argument("--claims", default="reports/claims.yaml",
                    help="claims: the file of declared comparisons (default: reports/claims.yaml)")
+    from mgbench.report.system import add_arguments as add_system_arguments
+
+    add_system_arguments(p)   # system: --runs-dir, --n, --sample-seeds
     p.set_defaults(func=run_report)
     return p
 
@@ -139,6 +146,8 @@ def load_sources(sources: list[Source]) -> tuple[pd.DataFrame, dict[str, str | N
         uris.update({rid: uri for rid in runs[RUN_ID]})
         frames.append(runs)
     frames = [f for f in frames if not f.empty] or frames[:1]
+    import pandas as pd
+
     return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True, sort=False)), uris
 
 
@@ -205,6 +214,8 @@ def run_report(args: argparse.Namespace) -> int:
             paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri, into=args.into)
             print("\n".join(map(str, paths)))
             return 0
+        if args.what == "system":
+            return _system(args)
         if not args.study:
             raise ValueError(f"{args.what}: needs --study (a spec file or a study name)")
         sources = resolve_studies(args.study, args.tracking_uri)
@@ -221,6 +232,22 @@ def run_report(args: argparse.Namespace) -> int:
         print(path)
     for item, why in skipped:
         print(f"skipped {item}: {why}")
+    return 0
+
+
+def _system(args: argparse.Namespace) -> int:
+    """`report system --study SPEC`: evaluate what is not cached, write system_<dit|sit>.md/.csv, print them."""
+    from mgbench.report.system import build
+
+    if not args.study or len(args.study) != 1 or not str(args.study[0]).endswith((".yaml", ".yml")):
+        raise ValueError("system: needs one --study spec file (a table3-style study: MG w grid + vanilla CFG sweep)")
+    spec = args.study[0]
+    out = Path(args.out) if args.out else default_out(Path(spec).stem)
+    try:
+        md = build(spec, out, Path(args.runs_dir) if args.runs_dir else None, args.n, args.sample_seeds)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    print("\n".join(str(md.with_name(md.stem + ext)) for ext in (".md", ".csv", "_runs.csv")))
     return 0
 
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
-from mgbench.report import stats
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS = ("fid", "is", "precision", "recall")   # reported with their SE; img_per_s is one number per evaluation
 
@@ -79,7 +79,7 @@ def load_trials(out_dir: Path) -> list[Trial]:
 def _mean(values: list[float]) -> float:
     """Mean of the finite values (nan when none)."""
     v = [x for x in values if x is not None and math.isfinite(x)]
-    return float(np.mean(v)) if v else math.nan
+    return sum(v) / len(v) if v else math.nan
 
 
 def choose(trials: list[Trial], metric: str = "fid") -> tuple[float, float]:
@@ -140,6 +140,8 @@ def evaluate_all(trials: list[Trial], rows: list[Setting], runs_dir: Path, n: in
 
 def run_table(rows: list[Setting], found: dict[tuple[str, int], dict[str, float]]) -> pd.DataFrame:
     """One line per (setting, training seed, sample seed) with every metric (img_per_s per evaluation)."""
+    import pandas as pd
+
     lines = []
     for (key, seed), m in sorted(found.items()):
         k = int(m.get("n_sample_seeds", 1))
@@ -152,6 +154,10 @@ def run_table(rows: list[Setting], found: dict[tuple[str, int], dict[str, float]
 
 def summarise(rows: list[Setting], per_run: pd.DataFrame) -> pd.DataFrame:
     """Each setting's mean ± SE over training seeds (of per-run means over sample seeds) per metric."""
+    import pandas as pd
+
+    from mgbench.report import stats
+
     out = []
     for s in rows:
         part = per_run[per_run.setting == s.key]
@@ -167,6 +173,8 @@ def summarise(rows: list[Setting], per_run: pd.DataFrame) -> pd.DataFrame:
 
 def comparisons(rows: list[Setting], per_run: pd.DataFrame, metric: str = "fid") -> list[dict[str, Any]]:
     """MG against each CFG row: A - B with a 95% interval paired by training seed, and the verdict."""
+    from mgbench.report import stats
+
     means = per_run.groupby(["setting", "training_seed"]).mean(numeric_only=True)
     mg, out = rows[0], []
     a = {s: v for (key, s), v in means[metric].items() if key == mg.key}
@@ -253,9 +261,11 @@ def build(spec_path: str, out: Path, runs_dir: Path | None, n: int | None, k: in
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mgbench report system`."""
-    p.add_argument("--runs-dir", default=None, help="cache of the evaluations (default: the study's out_dir/system)")
-    p.add_argument("--n", type=int, default=None, help="samples per sample seed (default: the study's eval.n_samples)")
-    p.add_argument("--sample-seeds", type=int, default=3, help="sample seeds per evaluation (default 3)")
+    p.add_argument("--runs-dir", default=None,
+                   help="system: cache of its evaluations (default: the study's out_dir/system)")
+    p.add_argument("--n", type=int, default=None,
+                   help="system: samples per sample seed (default: the study's eval.n_samples)")
+    p.add_argument("--sample-seeds", type=int, default=3, help="system: sample seeds per evaluation (default 3)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,10 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
             s.add_argument("--out", default=None, metavar="DIR",
                            help="where the spec's report items render (default: <out_dir>/report; name "
                                 "reports/<study> to update the committed tables)")
+        if name in ("run", "resume"):  # preflight (mgbench.study.preflight)
+            s.add_argument("--min-free-gib", type=float, default=1.0, metavar="GIB",
+                           help="refuse to start with less free disk than this under out_dir and local stores "
+                                "(default 1 GiB)")
         if name == "cancel":
             s.add_argument("--trial", type=int, default=None, metavar="N", help="cancel only trial N")
         if name == "status":
@@ -102,6 +106,10 @@ def _validate(spec: Any, args: argparse.Namespace) -> int:
     from mgbench.study.executors import check_executor
 
     check_executor(spec)
+    from mgbench.study.preflight import report_trial_problems  # start-up checks on every trial config (preflight)
+
+    if report_trial_problems(spec, f"mgbench study {args.study_cmd}"):
+        return 2
     print(f"{spec.path}: ok ({spec.sampler.type}, {spec.n_trials} trials, executor {spec.executor.type})")
     _print_sets(spec)
     return 0
@@ -128,6 +136,9 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
     from mgbench.study.prepare import run_prepare
 
     check_executor(spec)  # a bad executor option is a one-line error before any job (the latents job too)
+    from mgbench.study.preflight import MIN_FREE_GIB, check_environment  # preflight: before anything is created
+
+    check_environment(spec, getattr(args, "min_free_gib", MIN_FREE_GIB))
     run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
     try:
         s = run_study(spec, wait=not args.detach, echo=lambda line: print(mask_uri(line)),
