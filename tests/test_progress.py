@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 
+from mgbench.cli import main as mgbench_main
 from mgbench.config import train_config_from_dict
 from mgbench.evaluation.cli import add_eval_parser, run_eval
 from mgbench.study.cli import main as study_main
@@ -90,6 +91,32 @@ def test_the_trainer_reports_step_total_rate_and_eta_and_a_resume_counts_from_wh
     seen.clear()
     train(tiny_cfg(tmp_path / "run", 6), eval_hook=hook, progress=progress)  # resume: 2 more steps
     assert [(p.done, p.total, p.start, p.kind) for p in seen] == [(6, 6, 4, "train"), (6, 6, 4, "eval")]
+
+
+def test_an_evaluation_point_without_values_shows_nothing():
+    """The trainer reports each evaluation point; with no evaluation hook its values are empty: no line, no bar text."""
+    for bar in (False, True):
+        out = io.StringIO()
+        show = ConsoleProgress(out, bar=bar)
+        show(Progress(4, 4, 0, 4.0, kind="eval"))
+        show(Progress(4, 4, 0, 4.0, kind="eval", values={"fid/seed_0": 3.0, "fid_se": 0.1}))  # no headline value
+        show.close()
+        assert "eval" not in out.getvalue(), (bar, out.getvalue())
+
+
+def test_train_no_eval_prints_step_lines_and_the_result_but_no_eval_line(tmp_path, capsys):
+    """`mgbench train --no-eval` (its output in a log): a header, one line per logged window, the result line."""
+    run = tmp_path / "run"
+    settings = [f"out_dir={run}", "train.steps=4", "train.log_every=2", "optim.batch_size=32", "sample.steps=2",
+                "sample.n_grid=8"]
+    argv = ["train", str(ROOT / "studies" / "base" / "grid2d.yaml"), "--no-eval"]
+    assert mgbench_main(argv + [a for s in settings for a in ("--set", s)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"train grid2d: 4 steps, out_dir {run}"
+    steps = [LINE.match(line) for line in lines[1:-1]]
+    assert all(steps) and [m.group(1, 2) for m in steps] == [("2", "4"), ("4", "4")], lines
+    assert all(m.group(6).startswith("  loss=") for m in steps), lines
+    assert lines[-1].startswith(f"finished at step 4: {run} (w=1.000)"), lines
 
 
 SPEC = """\

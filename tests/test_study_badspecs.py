@@ -20,26 +20,13 @@ import yaml
 from mgbench.cli import main as mgbench_main
 from mgbench.study.spec import GRID2D_METRICS, IMAGE_METRICS, evaluation_metrics, load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "studies"
 SPEC = "study.yaml"
 
-# The good spec every case changes. The sleeping trainer keeps an accidental run short (it would show
-# up as files in the folder and exit 0, and the case fails); the default evaluation hook keeps the
-# objective metric checked.
-GOOD = {
-    "name": "badspec",
-    "extends": "base.yaml",
-    "out_dir": "{tmp}/out",
-    "base": {"train": {"steps": 10, "device": "cpu"}},
-    "space": {"objective.w": {"grid": [1.0, 1.5]}},
-    "sampler": "grid",
-    "objective": {"metric": "off_support", "direction": "minimize"},
-    "entry": "mgbench.study.testing:sleep_train",
-    "executor": "debug",
-    "poll_s": 0.1,
-}
 DELETE = object()
+# What this file changes in the shared good spec (`good_study`, tests/conftest.py): its name, and the default
+# evaluation hook, which keeps the objective metric checked. The sleeping trainer keeps an accidental run short
+# (it would show up as files in the folder and exit 0, and the case fails).
+GOOD = {"name": "badspec", "eval_hook": DELETE, "objective": {"metric": "off_support"}}
 
 
 def _merge(dst: dict, patch: dict) -> None:
@@ -83,7 +70,7 @@ def _setup_bad_profile(tmp: Path) -> None:
 IMAGES = {"data": {"name": "imagefolder", "path": "{tmp}/images", "vae": "{tmp}/vae", "image_size": 16},
           "model": {"arch": "DiT-XS/2"}}
 
-# (id, patch of GOOD, the field named after `file:`, what is allowed (a part of the message), setup)
+# (id, patch of the good spec, the field named after `file:`, what is allowed (a part of the message), setup)
 CASES = [
     ("unknown_top_level_key", {"bogus": 1}, "bogus", "unknown key (allowed: base, entry, eval_hook", None),
     ("bad_study_name", {"name": "my study!"}, "name", "letters, digits, '_', '-', '.'", None),
@@ -154,8 +141,8 @@ CASES = [
     ("unknown_objective_key", {"objective": {"metrc": "fid"}}, "objective.metrc",
      "unknown key (allowed: direction, metric)", None),
     ("unknown_objective_metric", {"objective": {"metric": "fid"}}, "objective.metric",
-     "'fid' is not reported by the evaluation of this study (allowed: in_class, off_support, coverage, swd, "
-     "center_dist, nfe)", None),
+     "'fid' is not reported by the evaluation of this study (allowed: in_class, wrong_class, off_board, "
+     "off_support, coverage, subcell_coverage, swd, center_dist, nfe)", None),
     ("unknown_pruner", {"pruning": {"type": "aggressive"}}, "pruning.type",
      "'aggressive' is not one of none, median, percentile, successive_halving, hyperband", None),
     ("unknown_pruning_key", {"pruning": {"type": "median", "n_startup": 1}}, "pruning.n_startup",
@@ -226,12 +213,12 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-def write_case(tmp: Path, patch: dict, setup) -> Path:
-    """The good spec with `patch` applied, in tmp/study.yaml next to a copy of the grid2d base config."""
-    (tmp / "base.yaml").write_text((STUDIES / "base" / "grid2d.yaml").read_text())
+def write_case(good: dict, tmp: Path, patch: dict, setup) -> Path:
+    """The good spec with GOOD and `patch` applied, in tmp/study.yaml (next to the grid2d base config)."""
     if setup is not None:
         setup(tmp)
-    data = copy.deepcopy(GOOD)
+    data = copy.deepcopy(good)
+    _merge(data, GOOD)   # not a copy: DELETE stays itself, and _merge changes only its first argument here
     _merge(data, copy.deepcopy(patch))
     path = tmp / SPEC
     path.write_text(yaml.safe_dump(_fill(data, tmp), sort_keys=False))
@@ -243,18 +230,19 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def test_the_good_spec_validates(tmp_path, monkeypatch, capsys):
+def test_the_good_spec_validates(tmp_path, good_study, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = write_case(tmp_path, {}, None)
+    path = write_case(good_study, tmp_path, {}, None)
     assert mgbench_main(["study", "validate", str(path)]) == 0
     assert capsys.readouterr().out.strip() == f"{path}: ok (grid, 2 trials, executor debug)"
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case, patch, field, allowed, setup", CASES, ids=IDS)
-def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, monkeypatch, capsys, case, patch, field, allowed, setup):
+def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, good_study, monkeypatch, capsys, case, patch, field,
+                                                  allowed, setup):
     monkeypatch.chdir(tmp_path)  # anything relative would land here, and show in the tree
-    path = write_case(tmp_path, patch, setup)
+    path = write_case(good_study, tmp_path, patch, setup)
     allowed = allowed.replace("{tmp}", str(tmp_path))
     before = tree(tmp_path)
     for command in ("validate", "run"):
@@ -272,10 +260,10 @@ def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, monkeypatch, capsys,
         assert tree(tmp_path) == before, (command, tree(tmp_path) - before)
 
 
-def test_parallelism_flag_zero_is_refused(tmp_path, monkeypatch, capsys):
+def test_parallelism_flag_zero_is_refused(tmp_path, good_study, monkeypatch, capsys):
     """`--parallelism 0` was silently ignored (0 read as "not given"); it names the field like the spec would."""
     monkeypatch.chdir(tmp_path)
-    path = write_case(tmp_path, {}, None)
+    path = write_case(good_study, tmp_path, {}, None)
     before = tree(tmp_path)
     assert mgbench_main(["study", "run", str(path), "--parallelism", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -284,10 +272,10 @@ def test_parallelism_flag_zero_is_refused(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["unknown_objective_metric", "storage_journal_in_missing_dir"])
-def test_real_mgbench_process_exits_2_with_one_line(tmp_path, case):
+def test_real_mgbench_process_exits_2_with_one_line(tmp_path, good_study, case):
     """The installed `mgbench` command, as a user runs it: exit status 2, one line on stderr, nothing written."""
     _, patch, field, allowed, setup = next(c for c in CASES if c[0] == case)
-    path = write_case(tmp_path, patch, setup)
+    path = write_case(good_study, tmp_path, patch, setup)
     allowed = allowed.replace("{tmp}", str(tmp_path))
     before = tree(tmp_path)
     mgbench = Path(sys.executable).with_name("mgbench")
@@ -318,8 +306,8 @@ def test_metric_names_match_the_evaluation():
                                        *(f"sweep/cfg_scale_0.50/{m}" for m in (*GRID2D_METRICS, "nfe"))]
 
 
-def test_custom_eval_hook_metric_is_not_second_guessed(tmp_path):
+def test_custom_eval_hook_metric_is_not_second_guessed(tmp_path, good_study):
     """With a custom evaluation hook the study cannot know its metric names: any name is accepted."""
-    path = write_case(tmp_path, {"eval_hook": "mgbench.study.testing:quick_eval_hook",
-                                 "objective": {"metric": "off_class"}}, None)
+    path = write_case(good_study, tmp_path, {"eval_hook": "mgbench.study.testing:quick_eval_hook",
+                                             "objective": {"metric": "off_class"}}, None)
     assert load_spec(path).objective.metric == "off_class"

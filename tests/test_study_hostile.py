@@ -27,21 +27,7 @@ from mgbench.config import ConfigError, load_yaml
 from mgbench.redact import mask_uri, redact
 from mgbench.study.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = "study.yaml"
-GOOD = {  # a cheap study every case changes: a sleeping trainer on the in-process executor
-    "name": "hostile",
-    "extends": "base.yaml",
-    "out_dir": "{tmp}/out",
-    "base": {"train": {"steps": 10, "device": "cpu"}},
-    "space": {"objective.w": {"grid": [1.0, 1.5]}},
-    "sampler": "grid",
-    "objective": {"metric": "loss", "direction": "minimize"},
-    "entry": "mgbench.study.testing:sleep_train",
-    "eval_hook": "mgbench.study.testing:w_eval_hook",
-    "executor": "debug",
-    "poll_s": 0.1,
-}
 SLURM = {"type": "slurm", "partition": "gpu"}
 PASSWORD = "s3cr3t-Pw"
 PG = f"postgresql://alice:{PASSWORD}@db.example:5432/optuna"
@@ -64,10 +50,9 @@ def _fill(value, tmp: Path):
     return value
 
 
-def write_spec(tmp: Path, **changes) -> Path:
-    """GOOD with top-level keys replaced, in tmp/study.yaml next to a copy of the grid2d base config."""
-    (tmp / "base.yaml").write_text((ROOT / "studies" / "base" / "grid2d.yaml").read_text())
-    data = {**copy.deepcopy(GOOD), **changes}
+def write_spec(good: dict, tmp: Path, **changes) -> Path:
+    """The good spec (`good_study`, tests/conftest.py) named hostile, top-level keys replaced, in tmp/study.yaml."""
+    data = {**copy.deepcopy(good), "name": "hostile", **changes}
     path = tmp / SPEC
     path.write_text(yaml.safe_dump(_fill(data, tmp), sort_keys=False))
     return path
@@ -131,9 +116,10 @@ HOSTILE_SPEC = [  # (id, executor section, the field after `file:`, a part of th
 
 
 @pytest.mark.parametrize("section, field, message", [c[1:] for c in HOSTILE_SPEC], ids=[c[0] for c in HOSTILE_SPEC])
-def test_hostile_executor_options_in_the_spec_are_refused(tmp_path, monkeypatch, capsys, section, field, message):
+def test_hostile_executor_options_in_the_spec_are_refused(tmp_path, good_study, monkeypatch, capsys, section, field,
+                                                          message):
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path, executor=section)
+    path = write_spec(good_study, tmp_path, executor=section)
     msg = refused(tmp_path, path, capsys)
     assert msg.startswith(f"{path}:{field}: ") and message in msg, msg
 
@@ -153,10 +139,10 @@ HOSTILE_PROFILE = [  # (id, profile text, the field inside the profile file, a p
 
 
 @pytest.mark.parametrize("text, field, message", [c[1:] for c in HOSTILE_PROFILE], ids=[c[0] for c in HOSTILE_PROFILE])
-def test_hostile_site_profiles_are_refused(tmp_path, monkeypatch, capsys, text, field, message):
+def test_hostile_site_profiles_are_refused(tmp_path, good_study, monkeypatch, capsys, text, field, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "site.yaml").write_text(text)
-    path = write_spec(tmp_path, executor={"type": "slurm", "profile": "site.yaml"})
+    path = write_spec(good_study, tmp_path, executor={"type": "slurm", "profile": "site.yaml"})
     msg = refused(tmp_path, path, capsys)
     assert msg.startswith(f"{path}:executor.profile: {tmp_path / 'site.yaml'}:{field}: ") and message in msg, msg
 
@@ -172,17 +158,17 @@ HOSTILE_SPACE = [  # (id, space, the field, a part of the message)
 
 
 @pytest.mark.parametrize("space, field, message", [c[1:] for c in HOSTILE_SPACE], ids=[c[0] for c in HOSTILE_SPACE])
-def test_hostile_search_space_is_refused(tmp_path, monkeypatch, capsys, space, field, message):
+def test_hostile_search_space_is_refused(tmp_path, good_study, monkeypatch, capsys, space, field, message):
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path, space=space, executor=SLURM)
+    path = write_spec(good_study, tmp_path, space=space, executor=SLURM)
     msg = refused(tmp_path, path, capsys)
     assert msg.startswith(f"{path}:{field}: ") and message in msg, msg
 
 
-def test_hostile_command_line_values_are_refused(tmp_path, monkeypatch, capsys):
+def test_hostile_command_line_values_are_refused(tmp_path, good_study, monkeypatch, capsys):
     """--out-dir reaches `#SBATCH --output=...`; --set and a base file reach the job: both are checked too."""
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path, executor=SLURM)
+    path = write_spec(good_study, tmp_path, executor=SLURM)
     msg = refused(tmp_path, path, capsys, "--out-dir", f"{tmp_path}/o\ntouch pwned")
     assert msg.startswith(f"{path}:out_dir: control character '\\n'"), msg
     msg = refused(tmp_path, path, capsys, "--set", r'data.cache_dir="/x\ntouch pwned"')
@@ -193,12 +179,12 @@ def test_hostile_command_line_values_are_refused(tmp_path, monkeypatch, capsys):
     assert msg.startswith(f"{tmp_path / 'base.yaml'}:name: control character '\\x07'"), msg
 
 
-def test_an_accepted_slurm_spec_renders_every_option_as_an_sbatch_line(tmp_path, monkeypatch, capsys):
+def test_an_accepted_slurm_spec_renders_every_option_as_an_sbatch_line(tmp_path, good_study, monkeypatch, capsys):
     """Unusual but harmless values pass; the dry run's script is valid bash with one #SBATCH line per option."""
     monkeypatch.chdir(tmp_path)
     section = {**SLURM, "comment": "a b; $(touch pwned) `x`", "additional": {"constraint": "a100|h100"},
                "setup": ["export A=1", "echo ready"]}
-    path = write_spec(tmp_path, executor=section)
+    path = write_spec(good_study, tmp_path, executor=section)
     assert mgbench_main(["study", "run", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     script = out[out.index("#!/bin/bash"):out.index("dry run: nothing submitted")]
@@ -217,9 +203,9 @@ def test_an_accepted_slurm_spec_renders_every_option_as_an_sbatch_line(tmp_path,
 # ----------------------------------------------------------------------------- validate is the whole truth
 
 
-def test_duplicate_yaml_keys_are_errors_naming_file_line_and_key(tmp_path, monkeypatch, capsys):
+def test_duplicate_yaml_keys_are_errors_naming_file_line_and_key(tmp_path, good_study, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path)
+    path = write_spec(good_study, tmp_path)
     text = path.read_text()
     path.write_text(text + "poll_s: 0.5\n")  # poll_s given twice: YAML would keep the last silently
     line = len(text.splitlines()) + 1
@@ -257,9 +243,10 @@ def test_load_yaml_keeps_anchors_and_merges(tmp_path):
     ({"objective.w": [1.5], "variant": {"grid": [{"optim.lr": 0.001}, {"train.seed": 0}]}},
      "space.variant", "give the same trial config"),  # both equal the base config's defaults
 ])
-def test_duplicate_grid_points_are_errors_naming_the_field(tmp_path, monkeypatch, capsys, space, field, points):
+def test_duplicate_grid_points_are_errors_naming_the_field(tmp_path, good_study, monkeypatch, capsys, space, field,
+                                                           points):
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path, space=space)
+    path = write_spec(good_study, tmp_path, space=space)
     msg = refused(tmp_path, path, capsys)
     assert msg.startswith(f"{path}:{field}: grid points ") and points in msg, msg
     assert msg.endswith("give the same trial config (it would train twice; keep one value)")
@@ -273,13 +260,13 @@ def test_duplicate_grid_points_are_errors_naming_the_field(tmp_path, monkeypatch
     pytest.param({}, "timeout_min: 1\nslurm_partition: gpu\n", "executor.profile: timeout_min (from profile "
                  "'site.yaml')", 60, 90, marks=NEEDS_SRUN),
 ])
-def test_time_limit_not_beyond_the_usr2_delay_is_an_error(tmp_path, monkeypatch, capsys, section, profile, field,
-                                                          limit, delay):
+def test_time_limit_not_beyond_the_usr2_delay_is_an_error(tmp_path, good_study, monkeypatch, capsys, section, profile,
+                                                          field, limit, delay):
     monkeypatch.chdir(tmp_path)
     if profile:
         (tmp_path / "site.yaml").write_text(profile)
         section = {"profile": "site.yaml"}
-    path = write_spec(tmp_path, executor={"type": "slurm", **section})
+    path = write_spec(good_study, tmp_path, executor={"type": "slurm", **section})
     msg = refused(tmp_path, path, capsys)
     assert msg == (f"{path}:{field}: a time limit of {limit} s is not longer than the USR2 signal delay of {delay} s "
                    "(slurm_signal_delay_s, submitit's default 90): raise the limit or lower signal_delay_s"), msg
@@ -296,17 +283,17 @@ def test_slurm_times_in_every_format_are_read_in_seconds():
     assert time_limit_problem({"timeout_min": 60, "slurm_time": "1:30"})[0] == "slurm_time"
 
 
-def test_changed_spec_under_a_study_name_is_refused_until_a_new_version(tmp_path, monkeypatch, capsys):
+def test_changed_spec_under_a_study_name_is_refused_until_a_new_version(tmp_path, good_study, monkeypatch, capsys):
     """First run records the spec; a result-changing edit is refused (validate, dry run, run) with the fields
     listed; run-only settings may change; --new-version runs it as <name>-v2 and finds v2 again next time."""
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path)
+    path = write_spec(good_study, tmp_path)
     assert mgbench_main(["study", "run", str(path)]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
     assert (out / "spec.recorded.yaml").is_file()
 
-    write_spec(tmp_path, space={"objective.w": [1.0, 1.25]}, base={"train": {"steps": 12, "device": "cpu"}},
+    write_spec(good_study, tmp_path, space={"objective.w": [1.0, 1.25]}, base={"train": {"steps": 12, "device": "cpu"}},
                pruning="median")
     msg = refused(tmp_path, path, capsys, commands=("validate", "run"))
     assert msg == (f"{path}:base.train.steps: study hostile in {out} was run with another spec (changed: "
@@ -314,11 +301,11 @@ def test_changed_spec_under_a_study_name_is_refused_until_a_new_version(tmp_path
                    "new study with `mgbench study run --new-version`"), msg
     refused(tmp_path, path, capsys, "--dry-run", commands=("run",))
 
-    write_spec(tmp_path, parallelism=2, poll_s=0.2, max_retries=1, n_trials=1, reuse=False, executor=SLURM)
+    write_spec(good_study, tmp_path, parallelism=2, poll_s=0.2, max_retries=1, n_trials=1, reuse=False, executor=SLURM)
     assert mgbench_main(["study", "validate", str(path)]) == 0  # how it runs, not what it computes
     capsys.readouterr()
 
-    write_spec(tmp_path, space={"objective.w": [1.0, 1.25]})
+    write_spec(good_study, tmp_path, space={"objective.w": [1.0, 1.25]})
     assert mgbench_main(["study", "run", str(path), "--new-version"]) == 0
     text = capsys.readouterr().out
     assert f"it runs as hostile-v2 in {out}-v2" in text and "study hostile-v2: 2 complete" in text
@@ -341,22 +328,22 @@ def test_mask_uri_hides_exactly_the_password():
     assert redact({"k": [PG, 3], PG: None}) == {"k": [mask_uri(PG), 3], mask_uri(PG): None}
 
 
-def test_dry_run_and_errors_show_no_password(tmp_path, monkeypatch, capsys):
+def test_dry_run_and_errors_show_no_password(tmp_path, good_study, monkeypatch, capsys):
     """validate and --dry-run connect to nothing: they run with an unreachable PostgreSQL URI and print it masked."""
     monkeypatch.chdir(tmp_path)
-    path = write_spec(tmp_path, storage=PG, tracking_uri=PG.replace("optuna", "mlflow"), executor=SLURM)
+    path = write_spec(good_study, tmp_path, storage=PG, tracking_uri=PG.replace("optuna", "mlflow"), executor=SLURM)
     assert mgbench_main(["study", "validate", str(path)]) == 0
     assert mgbench_main(["study", "run", str(path), "--dry-run"]) == 0
     out = capsys.readouterr()
     assert PASSWORD not in out.out + out.err
     assert "storage postgresql://alice:***@db.example:5432/optuna" in out.out.splitlines()
     assert "tracking postgresql://alice:***@db.example:5432/mlflow" in out.out.splitlines()
-    write_spec(tmp_path, storage=PG.replace("postgresql", "redis"))
+    write_spec(good_study, tmp_path, storage=PG.replace("postgresql", "redis"))
     msg = refused(tmp_path, path, capsys)
     assert PASSWORD not in msg and "redis://alice:***@db.example" in msg
 
 
-def test_trial_record_and_mlflow_spec_artifact_hold_no_password(tmp_path, monkeypatch):
+def test_trial_record_and_mlflow_spec_artifact_hold_no_password(tmp_path, good_study, monkeypatch):
     """The spec artifact (logged after ${...} expansion) and trial.json: a real local MLflow store, a PostgreSQL
     Optuna URI with a password (never connected to here)."""
     from mgbench.study import runs
@@ -364,7 +351,8 @@ def test_trial_record_and_mlflow_spec_artifact_hold_no_password(tmp_path, monkey
     from mgbench.study.trial import read_json, write_json
 
     monkeypatch.setenv("MGBENCH_TEST_PW", PASSWORD)
-    spec = load_spec(write_spec(tmp_path, storage="postgresql://alice:${MGBENCH_TEST_PW}@db.example/optuna"))
+    uri = "postgresql://alice:${MGBENCH_TEST_PW}@db.example/optuna"
+    spec = load_spec(write_spec(good_study, tmp_path, storage=uri))
     assert spec.storage == PG.replace(":5432", "")  # the real URI stays for connecting
     c = runs.client(spec)
     exp = runs.experiment_id(c, spec)
@@ -385,7 +373,7 @@ def test_trial_record_and_mlflow_spec_artifact_hold_no_password(tmp_path, monkey
 # ----------------------------------------------------------------------------- threads
 
 
-def test_slurm_trials_take_their_threads_from_the_job_cpus(tmp_path):
+def test_slurm_trials_take_their_threads_from_the_job_cpus(tmp_path, good_study):
     from mgbench.study.trial import slurm_threads, trial_threads
 
     job = {"SLURM_JOB_ID": "42"}
@@ -396,7 +384,7 @@ def test_slurm_trials_take_their_threads_from_the_job_cpus(tmp_path):
     assert slurm_threads({**job, "SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "2"}) is None  # the user chose
     assert slurm_threads({"SLURM_CPUS_PER_TASK": "4"}) is None                                  # not in a job
     assert slurm_threads(job) is None                                                           # nothing to go by
-    spec = load_spec(write_spec(tmp_path, executor=SLURM, parallelism=2))
+    spec = load_spec(write_spec(good_study, tmp_path, executor=SLURM, parallelism=2))
     assert trial_threads(spec, {**job, "SLURM_CPUS_PER_TASK": "3"}) == 3
     spec.executor.type = "local"  # local trials share the machine instead (affinity of this process)
     assert trial_threads(spec, {**job, "SLURM_CPUS_PER_TASK": "3"}) == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -100,6 +100,8 @@ class ConsoleProgress:
         self._last_line: float | None = None
 
     def __call__(self, p: Progress) -> None:
+        if p.kind == "eval" and not shown_values(p.values):
+            return   # nothing was evaluated (`train --no-eval`: the trainer still reports its evaluation points)
         if self.bar_wanted:
             self._update_bar(p)
             return
