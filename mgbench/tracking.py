@@ -222,3 +222,50 @@ class MlflowTracker:
 def _param_str(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+# --- The MLflow UI's view of a study: experiment tags read by MLflow 3's web app (mgbench ui links to them) ---
+# MLflow 3.17's app picks its view from the `workflowType` URL param (mgbench ui's link sets it); releases whose
+# workflow switch is off read TAG_EXPERIMENT_KIND instead (the value its "experiment type" selector writes).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"     # MLflow 3 UI: the view an experiment opens in
+EXPERIMENT_KIND_ML = "custom_model_development"   # the classic runs table ("Machine learning"), not genai_development
+TAG_PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"  # MLflow UI: the metric charted first
+TAG_SAVED_VIEW = "mlflow.sharedViewState."        # MLflow UI saved views: prefix + view id; value a JSON envelope
+RUNS_VIEW_ID = "mgbench-trials"                   # the saved runs view of a study (`?viewStateShareKey=` opens it)
+RUNS_VIEW_NAME = "mgbench: trials"                # its name in the UI's "Views" menu
+UI_COLUMN_PX = 170                                # width of its param and metric columns (names stay readable)
+UI_LEADING_COLUMNS = ("attributes.`Run Name`", "runDateAndNestInfo", "duration")  # the UI's run name, created, duration
+
+
+def ui_column(kind: str, name: str) -> str:
+    """The MLflow UI's id of a runs-table column, e.g. params.`objective.w` or metrics.`eval/fid`."""
+    return f"{kind}.`{name}`"
+
+
+def runs_view_state(params: list[str], metric: str, minimize: bool) -> dict[str, Any]:
+    """The runs-page state of a study's trials: searched params, the objective and its SE as columns, best first."""
+    columns = [ui_column("params", p) for p in params] + [ui_column("metrics", m) for m in (metric, metric_se(metric))]
+    return {"searchFilter": f"tags.`{TAG_ROLE}` = 'trial'",
+            "orderByKey": ui_column("metrics", metric), "orderByAsc": minimize,
+            "selectedColumns": columns, "columnOrder": [*UI_LEADING_COLUMNS, *columns],
+            "columnWidths": {c: UI_COLUMN_PX for c in columns}}  # the UI applies widths to the ordered columns only
+
+
+def experiment_ui_tags(params: list[str], metric: str, minimize: bool, now_ms: int | None = None) -> dict[str, str]:
+    """Experiment tags that open a study in MLflow's classic ML view, chart `metric` first and save its runs view."""
+    import json
+
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    envelope = {"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms,
+                "state": json.dumps(runs_view_state(params, metric, minimize))}
+    return {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML, TAG_PRIMARY_METRIC: metric,
+            TAG_SAVED_VIEW + RUNS_VIEW_ID: json.dumps(envelope)}
+
+
+def study_ui_tags(spec: Any, now_ms: int | None = None) -> dict[str, str]:
+    """`experiment_ui_tags` of a study spec: its searched trainer keys (bundles expanded) and its objective."""
+    keys = []
+    for key, p in spec.space.items():
+        keys += [k for setting in p.bundles.values() for k in setting] if p.bundles else [key]
+    metric = next(iter(tracked_eval({spec.objective.metric: 0.0})))
+    return experiment_ui_tags(list(dict.fromkeys(keys)), metric, spec.objective.direction == "minimize", now_ms)

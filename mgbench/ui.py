@@ -6,6 +6,13 @@ before anything starts, so a busy port is one clear line instead of a worker tra
 
 Studies log through the server with `tracking_uri: http://127.0.0.1:PORT` in their spec; artifacts then
 travel over HTTP (`--serve-artifacts`) into `--artifacts-destination`.
+
+With `--study` it prints a link straight to the study's trials in MLflow 3's classic ML view. MLflow 3.17's web
+app opens in its GenAI view unless the URL says `workflowType=machine_learning` (older 3.x releases read the
+experiment tag `mlflow.experimentKind` instead, which the study runner sets too); its runs table shows only
+Source/Models/Dataset columns unless a saved view says otherwise, so the study's experiment carries one
+(`tracking.study_ui_tags`: searched params, the objective and its SE, best first) and the link opens it
+with `viewStateShareKey`. Column choices are not URL params in MLflow 3 (only searchFilter, orderByKey, ...).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ READY_TIMEOUT_S = 180.0       # mlflow server needs ~20-30 s to answer here (2 b
 STOP_TIMEOUT_S = 15.0         # SIGTERM grace before SIGKILL of the process group
 WORKERS = 1                   # server workers: one is plenty for a UI and a few trial processes
 JOBS = False                  # MLflow's job runner (GenAI judges, trace rollups): 8 more processes, unused here
+WORKFLOW_ML = "machine_learning"  # MLflow 3 UI `workflowType`: the classic runs/metrics view (its default is genai)
 
 
 class UiError(RuntimeError):
@@ -244,6 +252,43 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
+# --- the study's page in the UI -----------------------------------------------------------------------------
+
+def runs_page_link(url: str, experiment_id: str) -> str:
+    """The UI page of a study's trials: the classic ML runs table opened on the study's saved view."""
+    from mgbench.tracking import RUNS_VIEW_ID
+
+    return f"{url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_ID}&workflowType={WORKFLOW_ML}"
+
+
+def mark_study_experiment(tracking_uri: str, spec: Any) -> str | None:
+    """Set the study's UI tags on its experiment (studies from before them lack them); its id, None if none yet."""
+    from mlflow.tracking import MlflowClient
+
+    from mgbench.tracking import study_ui_tags
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(spec.name)
+    if exp is None or exp.lifecycle_stage != "active":
+        return None
+    for key, value in study_ui_tags(spec).items():
+        client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def study_link_lines(url: str, spec: Any) -> list[str]:
+    """What `mgbench ui --study` prints about the study: the link to its trials, or how to make some."""
+    from mgbench.tracking import tracked_eval
+
+    exp_id = mark_study_experiment(url, spec)
+    if exp_id is None:
+        return [f"study {spec.name} has no runs yet: `mgbench study run {spec.path}` makes them "
+                f"(then run this command again for their link)"]
+    metric = next(iter(tracked_eval({spec.objective.metric: 0.0})))
+    return [f"study {spec.name}: {runs_page_link(url, exp_id)}",
+            f"  (its trials with columns {', '.join(spec.space)}, {metric} and its SE; best first)"]
+
+
 # --- command line -------------------------------------------------------------------------------------------
 
 def add_ui_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -307,9 +352,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return _serve(server, [f"MLflow UI at {server.url}  (store {store}, artifacts {dest}, "
-                           f"up in {server.started_s:.0f} s, log {server.log_path})",
-                           f"log studies through it with  tracking_uri: {server.url}   (Ctrl-C stops)"])
+    lines = [f"MLflow UI at {server.url}  (store {store}, artifacts {dest}, "
+             f"up in {server.started_s:.0f} s, log {server.log_path})"]
+    if args.study:
+        lines += _study_lines(server, args.study)
+    lines.append(f"log studies through it with  tracking_uri: {server.url}   (Ctrl-C stops)")
+    return _serve(server, lines)
+
+
+def _study_lines(server: UiServer, spec_path: str) -> list[str]:
+    """study_link_lines, or one line saying why there is no link (the server keeps serving)."""
+    from mgbench.study.spec import load_spec
+
+    try:
+        return study_link_lines(server.url, load_spec(spec_path))
+    except Exception as e:  # noqa: BLE001 - an unreadable experiment must not stop a running server
+        reason = (str(e).splitlines() or [""])[0]
+        return [f"mgbench ui: warning: no link to the study's runs: {type(e).__name__}: {reason}"]
 
 
 def _serve(server: UiServer, lines: list[str]) -> int:

@@ -13,10 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mgbench.ui import (DEFAULT_PORT, UiError, add_dashboard_parser, add_ui_parser, check_port_free, dashboard_command,
-                        free_port, group_members, resolve_args, server_command, start_dashboard, store_for_study)
+                        free_port, group_members, mark_study_experiment, resolve_args, runs_page_link, server_command,
+                        start_dashboard, store_for_study)
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "studies"
@@ -115,6 +117,109 @@ def tmp_spec(tmp_path: Path, extra: str = "") -> Path:
     return spec
 
 
+# --- the study's page in the MLflow UI: classic ML view, its columns, images for every sample grid -----------
+
+# The MLflow 3 web app's own names (read from its bundle, mlflow/server/js/build): written out here, not imported.
+VIEW_TAG = "mlflow.sharedViewState.mgbench-trials"
+TEST_UI_COLUMNS = ["params.`objective.w`", "params.`objective.label_drop`", "metrics.`eval/off_class`",
+                   "metrics.`eval/off_class_se`"]
+
+
+def test_runs_page_link_opens_the_saved_view_in_the_classic_ml_view():
+    link = runs_page_link("http://127.0.0.1:5000", "17")
+    assert link == ("http://127.0.0.1:5000/#/experiments/17/runs"
+                    "?viewStateShareKey=mgbench-trials&workflowType=machine_learning")
+    route, query = link.split("#", 1)[1].split("?")
+    assert route == "/experiments/17/runs"
+    assert dict(q.split("=") for q in query.split("&")) == {"viewStateShareKey": "mgbench-trials",
+                                                            "workflowType": "machine_learning"}
+
+
+def view_of(tags: dict[str, str]) -> tuple[dict, dict]:
+    """(envelope without its state, decoded state) of the study's saved runs view."""
+    envelope = json.loads(tags[VIEW_TAG])
+    return {k: v for k, v in envelope.items() if k != "state"}, json.loads(envelope["state"])
+
+
+def test_study_ui_tags_open_the_classic_view_with_params_and_objective_columns(tmp_path):
+    from mgbench.study.spec import load_spec
+    from mgbench.tracking import study_ui_tags
+
+    tags = study_ui_tags(load_spec(tmp_spec(tmp_path)), now_ms=1234)
+    assert set(tags) == {"mlflow.experimentKind", "mlflow.experiment.primaryMetric.name", VIEW_TAG}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.experiment.primaryMetric.name"] == "eval/off_class"
+    envelope, state = view_of(tags)
+    assert envelope == {"name": "mgbench: trials", "createdAt": 1234, "updatedAt": 1234}
+    assert state == {"searchFilter": "tags.`mgbench.role` = 'trial'", "orderByKey": "metrics.`eval/off_class`",
+                     "orderByAsc": True, "selectedColumns": TEST_UI_COLUMNS,  # off_class: minimize, best first
+                     "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", "duration", *TEST_UI_COLUMNS],
+                     "columnWidths": {c: 140 for c in TEST_UI_COLUMNS}}
+    # A named grid of settings: its trainer keys become the columns (each once); maximize sorts descending.
+    spec = tmp_path / "bundles.yaml"
+    spec.write_text(f"name: bundles\nextends: {STUDIES / 'base' / 'grid2d.yaml'}\nout_dir: {tmp_path / 'b'}\n"
+                    "space:\n  variant: {grid: [{objective.w: 1.0}, {objective.w: 1.5, objective.label_drop: 0.2}]}\n"
+                    "  train.seed: {grid: [0, 1]}\nsampler: grid\nobjective: {metric: in_class, direction: maximize}\n")
+    _, state = view_of(study_ui_tags(load_spec(spec)))
+    assert state["selectedColumns"] == ["params.`objective.w`", "params.`objective.label_drop`", "params.`train.seed`",
+                                        "metrics.`eval/in_class`", "metrics.`eval/in_class_se`"]
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`eval/in_class`", False)
+
+
+def test_study_experiment_is_created_with_the_ui_tags_and_an_older_one_gets_them(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mgbench.study import runs
+    from mgbench.study.spec import load_spec
+
+    spec = load_spec(tmp_spec(tmp_path))
+    exp_id = runs.experiment_id(runs.client(spec), spec)  # what `study run` does first
+    tags = MlflowClient(spec.tracking_uri).get_experiment(exp_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mgbench.study"] == "_test_ui"
+    assert view_of(tags)[1]["selectedColumns"] == TEST_UI_COLUMNS
+    # An experiment made before these tags existed: `mgbench ui --study` adds them.
+    (tmp_path / "old").mkdir()
+    other = load_spec(tmp_spec(tmp_path / "old"))
+    client = MlflowClient(other.tracking_uri)
+    assert mark_study_experiment(other.tracking_uri, other) is None  # no experiment yet: nothing is created
+    assert client.get_experiment_by_name("_test_ui") is None
+    old_id = client.create_experiment("_test_ui")
+    assert mark_study_experiment(other.tracking_uri, other) == old_id
+    tags = client.get_experiment(old_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert view_of(tags)[1]["selectedColumns"] == TEST_UI_COLUMNS
+
+
+def test_every_npz_sample_grid_is_logged_with_a_png(tmp_path):
+    from PIL import Image
+
+    from mgbench.config import train_config_from_dict
+    from mgbench.tracking import MemoryTracker
+    from mgbench.trainer.loop import train
+
+    cfg = train_config_from_dict({
+        "name": "pngs", "out_dir": str(tmp_path / "run"), "data": {"name": "grid2d"}, "model": {"arch": "MLP-S"},
+        "objective": {"w": 1.5}, "optim": {"batch_size": 32}, "train": {"steps": 4, "log_every": 2, "ckpt_every": 4},
+        "sample": {"steps": 3, "n_grid": 16}, "eval": {"cfg_sweep": [1.0, 2.5]}}, "test")
+    tracker = MemoryTracker()
+    train(cfg, tracker)
+    logged = {Path(p).name: folder for p, folder in tracker.artifacts}
+    npz = sorted(n for n in logged if n.endswith(".npz"))
+    assert npz == ["samples.npz", "samples_cfg_1.00.npz", "samples_cfg_2.50.npz"]  # kept for the reports
+    png_of = {"samples.npz": "step_00000004.png", "samples_cfg_1.00.npz": "step_00000004_cfg_1.00.png",
+              "samples_cfg_2.50.npz": "step_00000004_cfg_2.50.png"}
+    assert sorted(n for n in logged if n.endswith(".png")) == sorted(png_of.values())
+    assert {logged[n] for n in [*npz, *png_of.values()]} == {"samples"}
+    pixels = {}
+    for name in png_of.values():
+        with Image.open(tmp_path / "run" / "samples" / name) as img:
+            assert img.format == "PNG" and img.size == (400, 400)  # figsize 4 in x dpi 100
+            pixels[name] = np.asarray(img.convert("RGB"))
+    a, b, c = pixels.values()
+    assert not np.array_equal(a, b) and not np.array_equal(b, c)  # other points (and titles) in each grid
+
+
 @pytest.mark.slow
 def test_ui_command_serves_a_study_until_ctrl_c_then_leaves_nothing_behind(tmp_path):
     import torch
@@ -136,12 +241,20 @@ def test_ui_command_serves_a_study_until_ctrl_c_then_leaves_nothing_behind(tmp_p
         assert first == f"starting mlflow server on 127.0.0.1:{port} (store sqlite:///{tmp_path / 'study' / 'mlflow.db'}) ...\n"
         ready = proc.stdout.readline()  # blocks until the server answers (or the command fails)
         assert ready.startswith(f"MLflow UI at http://127.0.0.1:{port}  (store sqlite:///"), ready
+        link_line, columns_line = proc.stdout.readline(), proc.stdout.readline()
         url = f"http://127.0.0.1:{port}"
         server_pgids = {os.getpgid(pid) for pid in _listeners(port)}
         assert server_pgids and proc.pid not in server_pgids  # the server leads its own group
         with urllib.request.urlopen(f"{url}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=_test_ui",
                                     timeout=10) as r:
-            exp_id = json.load(r)["experiment"]["experiment_id"]
+            exp = json.load(r)["experiment"]
+        exp_id = exp["experiment_id"]
+        assert link_line == (f"study _test_ui: {url}/#/experiments/{exp_id}/runs"
+                             f"?viewStateShareKey=mgbench-trials&workflowType=machine_learning\n")
+        assert columns_line == ("  (its trials with columns objective.w, objective.label_drop, eval/off_class and its "
+                                "SE; best first)\n")
+        tags = {t["key"]: t["value"] for t in exp["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development" and VIEW_TAG in tags
         runs = _post(f"{url}/ajax-api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
         names = {r["info"]["run_name"]: r["info"]["run_id"] for r in runs}
         assert set(names) == {"_test_ui", "w=1.00 lambda=0.10", "w=1.50 lambda=0.10"}

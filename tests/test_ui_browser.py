@@ -1,8 +1,9 @@
 """The MLflow UI of a real tiny study, checked in headless Chromium: trials, metric charts, sample images.
 
 One server (start_ui on a free port) for the module; the study `studies/_test_ui.yaml` logs THROUGH its
-HTTP URI (params, metrics and artifacts over REST); Selenium then reads the React pages. Screenshots land
-in the test's tmp dir and in reports/ui/ for the record.
+HTTP URI (params, metrics and artifacts over REST), with mgbench's own evaluation at 2 sample seeds (so the
+objective has an SE) and a CFG sweep (so sample grids come as npz + PNG); Selenium then reads the React pages.
+Screenshots land in the test's tmp dir and in reports/ui/ for the record (runs_page.png: the printed link).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mgbench.ui import UiError, check_port_free, free_port, group_members, start_ui
+from mgbench.ui import UiError, check_port_free, free_port, group_members, runs_page_link, start_ui, study_link_lines
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -24,6 +25,10 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 REPORTS = ROOT / "reports" / "ui"
 TRIALS = ["w=1.00 lambda=0.10", "w=1.50 lambda=0.10"]  # the run names of the two trials of _test_ui.yaml
 WAIT_S = 90  # explicit waits: the SPA fetches after load, and the machine's 2 cores are shared
+OBJECTIVE = {"metric": "in_class", "direction": "maximize"}  # mgbench's grid2d evaluation: it reports an SE
+SETS = {"eval.sample_seeds": 2, "eval.cfg_sweep": [1.5]}     # SE of the objective; CFG-swept sample grids
+METRIC, METRIC_SE = "eval/in_class", "eval/in_class_se"
+SAMPLES = ["samples/step_00000040.png", "samples/step_00000040_cfg_1.50.png"]  # train.steps = 40 in _test_ui.yaml
 
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver "
@@ -35,7 +40,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """An MLflow server on a free loopback port, with the tiny study logged through it."""
+    """An MLflow server on a free loopback port, with the tiny study logged through it (`server.spec`)."""
     import torch
 
     from mgbench.study.runner import run_study
@@ -46,8 +51,10 @@ def server(tmp_path_factory):
     t0 = time.monotonic()
     srv = start_ui(f"sqlite:///{tmp / 'mlflow.db'}", tmp / "artifacts", port=free_port(), log_path=tmp / "server.log")
     print(f"\nserver up in {time.monotonic() - t0:.1f} s at {srv.url}")
-    spec = load_spec(ROOT / "studies" / "_test_ui.yaml", {"out_dir": str(tmp / "study"), "tracking_uri": srv.url})
-    summary = run_study(spec, echo=lambda s: None)
+    overrides = {"out_dir": str(tmp / "study"), "tracking_uri": srv.url, "objective": OBJECTIVE,
+                 "eval_hook": "mgbench.evaluation:make_eval_hook"}
+    srv.spec = load_spec(ROOT / "studies" / "_test_ui.yaml", overrides, sets=SETS)
+    summary = run_study(srv.spec, echo=lambda s: None)
     assert (summary.n_complete, summary.n_failed) == (2, 0)
     yield srv
     srv.stop()
@@ -113,9 +120,11 @@ def test_study_logged_through_the_server(server, runs):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == [10, 20, 30, 40]  # train.steps = 40, log_every = 10
         assert float(run.data.params["objective.w"]) == float(name.split()[0][2:])
-        png = Path(server.artifacts_destination) / runs[name][0] / run.info.run_id / "artifacts" / \
-            "samples" / "step_00000040.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # landed in the server's artifacts destination
+        assert run.data.metrics[METRIC_SE] > 0  # 2 sample seeds: the objective has a standard error
+        folder = Path(server.artifacts_destination) / runs[name][0] / run.info.run_id / "artifacts"
+        for png in SAMPLES:
+            assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # landed in the artifacts destination
+        assert {p.name for p in (folder / "samples").glob("*.npz")} == {"samples.npz", "samples_cfg_1.50.npz"}
 
 
 def close_assistant(driver) -> None:
@@ -165,9 +174,10 @@ def test_run_page_shows_the_training_loss_chart(server, runs, browser, tmp_path)
     screenshot(browser, tmp_path, "run_metrics")
 
 
-def test_artifact_view_shows_the_sample_image(server, runs, browser, tmp_path):
+@pytest.mark.parametrize("artifact", SAMPLES)
+def test_artifact_view_shows_the_sample_image(server, runs, browser, tmp_path, artifact):
     exp_id, run_id = runs[TRIALS[0]]
-    artifact = "samples/step_00000040.png"  # train.steps = 40 in _test_ui.yaml
+    browser.get("about:blank")  # a fresh page load, as a pasted link gets (a hash change keeps the selected file)
     browser.get(f"{server.url}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{artifact}?workflowType=machine_learning")
     img = wait_for(browser, lambda d: next((i for i in d.find_elements(By.TAG_NAME, "img")
                                             if i.get_attribute("alt") == artifact and i.size["width"] > 50), False),
@@ -175,8 +185,51 @@ def test_artifact_view_shows_the_sample_image(server, runs, browser, tmp_path):
     loaded = browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
     assert loaded and loaded > 50  # the PNG arrived over HTTP and decoded
     text = body_text(browser)
-    assert "step_00000040.png" in text and "samples" in text  # the artifact tree shows the file
-    screenshot(browser, tmp_path, "run_artifact_sample")
+    assert artifact.split("/")[1] in text and "samples" in text  # the artifact tree shows the file
+    screenshot(browser, tmp_path, "run_artifact_sample" if artifact == SAMPLES[0] else "run_artifact_cfg_sample")
+
+
+def test_printed_link_opens_the_classic_runs_table_with_w_lambda_and_objective_columns(server, runs, browser,
+                                                                                       tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    exp_id = runs["_test_ui"][0]
+    lines = study_link_lines(server.url, server.spec)  # what `mgbench ui --study` prints
+    link = lines[0].removeprefix("study _test_ui: ")
+    assert link == runs_page_link(server.url, exp_id) and "workflowType=machine_learning" in link
+    browser.get("about:blank")
+    browser.get(link)
+    columns = ["params.`objective.w`", "params.`objective.label_drop`", f"metrics.`{METRIC}`", f"metrics.`{METRIC_SE}`"]
+    wait_for(browser, lambda d: all(cell_text(d, run_id, columns[-1]) for _, run_id in
+                                    (runs[t] for t in TRIALS)), "the trials' objective SE cells")
+    headers = {h.get_attribute("col-id"): h.text for h in browser.find_elements(By.CSS_SELECTOR, ".ag-header-cell")}
+    assert [headers.get(c) for c in columns] == ["objective.w", "objective.label_drop", METRIC, METRIC_SE]
+    # The classic ML runs table, not the GenAI pages (Overview / Observability / Judges ...) MLflow 3 opens by default.
+    assert "/runs?" in browser.current_url and "workflowType=machine_learning" in browser.current_url
+    text = body_text(browser)
+    assert "2 matching runs" in text  # the view's filter: the trials, without the study's parent run
+    assert not {"Observability", "Judges", "Sessions"} & set(text.splitlines())
+    assert browser.find_element(By.CSS_SELECTOR, "[data-testid='saved-views-trigger']").text == "mgbench: trials"
+    # Each trial's row shows its w, lambda, objective and SE; the best (highest in_class) first.
+    client = MlflowClient(server.url)
+    data = {t: client.get_run(runs[t][1]).data for t in TRIALS}
+    best_first = sorted(TRIALS, key=lambda t: -data[t].metrics[METRIC])
+    rows = browser.find_elements(By.CSS_SELECTOR, ".ag-center-cols-container .ag-row")
+    assert [r.get_attribute("row-id") for r in sorted(rows, key=lambda r: int(r.get_attribute("row-index")))] == \
+        [runs[t][1] for t in best_first]
+    for t in TRIALS:
+        run_id = runs[t][1]
+        shown = [cell_text(browser, run_id, c) for c in columns]
+        expected = [data[t].params["objective.w"], data[t].params["objective.label_drop"],
+                    data[t].metrics[METRIC], data[t].metrics[METRIC_SE]]
+        assert [float(v) for v in shown] == pytest.approx([float(v) for v in expected], rel=1e-4), t
+    screenshot(browser, tmp_path, "runs_page")
+
+
+def cell_text(driver, run_id: str, col_id: str) -> str:
+    """The text of one runs-table cell (row = run id, column = the UI's column id); '' if not rendered."""
+    cells = driver.find_elements(By.CSS_SELECTOR, f".ag-row[row-id='{run_id}'] .ag-cell[col-id='{col_id}']")
+    return cells[0].text.strip() if cells else ""
 
 
 def test_second_ui_on_the_same_port_is_a_clear_error(server):

@@ -51,6 +51,11 @@ def write_samples(cfg: TrainConfig, ema: torch.nn.Module, data: Dataset, w: floa
             swept = sample(ema, labels=labels, seeds=seeds, device=device, return_trajectory=True,
                            **{**kw, "guidance": guidance, "cfg_scale": float(scale)})
             paths.append(_save_points(folder / cfg_samples_name(scale), swept, labels))
+            # The same points as an image: the MLflow UI shows PNGs, not npz.
+            png_cfg = folder / cfg_grid_name(step, scale)
+            title = f"{cfg.name} (step {step}, CFG s={scale:.2f}, NFE {swept.nfe})"
+            _scatter(swept.x.cpu().numpy(), labels.cpu().numpy(), png_cfg, title)
+            paths.append(png_cfg)
         return paths
     from torchvision.utils import save_image
 
@@ -62,6 +67,11 @@ def write_samples(cfg: TrainConfig, ema: torch.nn.Module, data: Dataset, w: floa
 def cfg_samples_name(scale: float) -> str:
     """File name of the samples drawn with CFG at `scale` (beside samples.npz)."""
     return f"samples_cfg_{scale:.2f}.npz"
+
+
+def cfg_grid_name(step: int, scale: float) -> str:
+    """File name of the scatter image of the samples drawn with CFG at `scale` (beside step_N.png)."""
+    return f"step_{step:08d}_cfg_{scale:.2f}.png"
 
 
 def _save_points(path: Path, res, labels: torch.Tensor) -> Path:
