@@ -102,6 +102,7 @@ class ObjectiveConfig:
     # other_label contrasts with one random label other than the sample's own (the authors' code).
     uncond_estimate: str = "uniform"  # uniform | other_label (teacher only; sampling uses uniform)
     uncond_labels: int = 0         # uniform: N labels in that mean (0 = all classes, else N distinct random ones)
+    uncond_chunk: int = 16         # teacher without an empty class: label predictions per forward, memory (1 + chunk) x batch (0 = all N at once)
     force: bool = False            # allow f*g >= 1 (no fixed point: training diverges)
     diffusion_steps: int = 1000    # DDPM T (linear betas 1e-4 .. 0.02)
     auto_w: AutoWConfig = field(default_factory=AutoWConfig)
@@ -125,6 +126,7 @@ class ObjectiveConfig:
         _range(where, "start_step", self.start_step, 0, 10**9)
         _range(where, "mg_fraction", self.mg_fraction, 0.0, 1.0)
         _range(where, "uncond_labels", self.uncond_labels, 0, 10**6)
+        _range(where, "uncond_chunk", self.uncond_chunk, 0, 10**6)
         _range(where, "diffusion_steps", self.diffusion_steps, 2, 100000)
         if self.mg and self.label_drop == 0 and self.empty_class:
             raise ConfigError(f"{where}.label_drop: MG with an empty class needs label_drop > 0 "
@@ -169,6 +171,7 @@ class SampleConfig:
     w: float | None = None         # w-input models: the w fed at sampling (default: the trained w)
     n_grid: int = 64               # samples in the logged grid image
     seed: int = 0                  # sample i uses seed + i
+    compile: bool | str = "auto"   # torch.compile the EMA model that samples (evaluation, grid): auto (on iff CUDA) | true | false
 
     def validate(self, where: str) -> None:
         _choice(where, "sampler", self.sampler, ("auto", "ddpm", "ddim", "euler", "heun", "euler_maruyama"))
@@ -176,11 +179,12 @@ class SampleConfig:
         _choice(where, "spacing", self.spacing, ("linear", "quadratic"))
         _range(where, "steps", self.steps, 1, 100000)
         _range(where, "cfg_scale", self.cfg_scale, 0.0, 100.0)
+        _compile_choice(where, self.compile)
 
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, is, kid, prc (= precision, recall), img_per_s; grid2d always gets in_class, off_support, coverage, swd, center_dist
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, sfid, is, kid, prc (= precision, recall), img_per_s; grid2d always gets its family (mgbench/metric_registry.py)
     n_samples: int = 1000          # generated samples per evaluation and sample seed (class-balanced, seed per sample)
     sample_seeds: int = 1          # K: each evaluation draws K disjoint sample sets and logs mean, SE and each value
     extractor: str = "auto"        # auto (digits/mnist: mgbench's classifier; imagefolder: inception) | classifier | inception | a registered name
@@ -189,6 +193,7 @@ class EvalConfig:
     n_reference: int = 0           # training images in the reference statistics (0 = the whole split, at most 50,000)
     cache_dir: str = "~/.cache/mgbench"  # reference statistics and extractor weights
     batch_size: int = 256          # sampling batch for evaluation (also the IMG/S batch)
+    gather_chunk: int = 1024       # multi-rank evaluation: samples moved to rank 0 per gather round (bounds its memory)
     cfg_sweep: list[float] = field(default_factory=list)  # extra evaluations at these CFG scales (Fig. 4)
     w_sweep: list[float] = field(default_factory=list)    # w-input models: extra evaluations fed these w (matched strength)
     sweep_final_only: bool = False  # run cfg_sweep / w_sweep only at the final evaluation (they multiply its cost)
@@ -201,11 +206,13 @@ class EvalConfig:
         for i, w in enumerate(self.w_sweep):
             _range(where, f"w_sweep[{i}]", w, 1.0, 100.0)
         _range(where, "batch_size", self.batch_size, 1, 10**6)
+        _range(where, "gather_chunk", self.gather_chunk, 1, 10**7)
         _range(where, "n_reference", self.n_reference, 0, 10**8)
         _range(where, "coverage_k", self.coverage_k, 0, 10**9)
         _choice(where, "save", self.save, ("none", "npz", "png", "both"))
-        allowed = ("fid", "sfid", "is", "kid", "prc", "precision", "recall", "img_per_s",
-                   "in_class", "off_support", "coverage", "swd", "center_dist")
+        from mgbench.metric_registry import METRICS   # the one metric list (prc = precision + recall)
+
+        allowed = ("prc", *METRICS)
         for i, m in enumerate(self.metrics):
             _choice(where, f"metrics[{i}]", m, allowed)
 
@@ -222,8 +229,10 @@ class LoopConfig:
     precision: str = "fp32"        # fp32 | bf16 (autocast on GPU)
     tf32: bool = True              # allow TF32 matmuls on GPU
     device: str = "auto"           # auto | cpu | cuda
+    compile: bool | str = "auto"   # torch.compile the model and its EMA teacher: auto (on iff CUDA) | true | false
 
     def validate(self, where: str) -> None:
+        _compile_choice(where, self.compile)
         _range(where, "steps", self.steps, 1, 10**9)
         _range(where, "log_every", self.log_every, 1, 10**9)
         _range(where, "ckpt_every", self.ckpt_every, 1, 10**9)
@@ -291,6 +300,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if any(a in (bool, str) and type(value) is a for a in args):
+            return value  # bool | str keeps either (`compile: true` or `compile: auto`)
         return _coerce(args[0], value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
@@ -428,6 +439,16 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def _choice(where: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{where}.{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _compile_choice(where: str, value: bool | str) -> None:
+    if not (value == "auto" or type(value) is bool):
+        raise ConfigError(f"{where}.compile: {value!r} is not one of auto, true, false")
+
+
+def compile_enabled(value: bool | str, device: Any) -> bool:
+    """Whether a `compile` knob is on for this device: auto means on iff the device is CUDA."""
+    return value is True or (value == "auto" and getattr(device, "type", str(device)) == "cuda")
 
 
 def _range(where: str, name: str, value: float, lo: float, hi: float,

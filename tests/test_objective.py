@@ -423,7 +423,8 @@ def test_the_teacher_uses_one_other_label_with_uncond_estimate_other_label():
 
 def test_ema_decay_at_and_its_logged_value(tmp_path):
     from mgbench import tracking as T
-    from mgbench.trainer.loop import ema_decay_at, train, update_ema
+    from mgbench.trainer.loop import train
+    from mgbench.trainer.step import ema_decay_at, update_ema
 
     assert ema_decay_at(0.9999, 0, True) == 0.1
     assert ema_decay_at(0.9999, 1000, True) == 1001 / 1010 and round(1001 / 1010, 3) == 0.991

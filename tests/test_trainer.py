@@ -131,7 +131,11 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
     state["model"][name].view(-1)[0] = float("nan")  # weights gone bad (e.g. an overflow)
     torch.save(state, path)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 11 "):
-        train(tiny(tmp_path / "nan", train__steps=20))
+        train(tiny(tmp_path / "nan", train__steps=20))  # read at the window's end (step 15), naming the first bad step
+    assert latest_checkpoint(tmp_path / "nan") == path  # nothing written after it
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 11 "):  # a checkpoint mid-window reads it too
+        train(tiny(tmp_path / "nan", train__steps=20, train__log_every=20, train__ckpt_every=12))
+    assert latest_checkpoint(tmp_path / "nan") == path
 
 
 def test_run_folder_refuses_another_config(tmp_path):
@@ -150,7 +154,8 @@ def test_trainer_logs_params_implied_scale_samples_and_config(tmp_path):
     assert 0.2 < tr.series(T.M_LOSS_MG)[-1] < 0.5
     assert tr.series(T.M_PARAMS)[0] > 1000 and tr.series(T.M_GFLOPS)[0] > 0
     names = sorted(Path(p).name for p, _ in tr.artifacts)
-    assert names == ["config.yaml", "samples.npz", "samples_cfg_1.00.npz", "step_00000040.png"]
+    assert names == ["config.yaml", "samples.npz", "samples_cfg_1.00.npz", "step_00000040.png",
+                     "step_00000040_cfg_1.00.png"]  # each npz of points has a PNG the MLflow UI shows
     mg, mg_cfg = (np.load(tmp_path / "p" / "samples" / f) for f in ("samples.npz", "samples_cfg_1.00.npz"))
     assert mg["nfe"] == 4 and mg_cfg["nfe"] == 8  # MG: 1 forward per step; CFG on top of MG: 2
     assert mg["traj"].shape == (5, 16, 2) and np.array_equal(mg["y"], mg_cfg["y"])
@@ -170,3 +175,22 @@ def test_resume_reads_keys_an_older_run_folder_lacks():
     cfg.objective.t_map = "snr"
     with pytest.raises(ConfigError, match="objective.t_map is 'linear', not 'snr'"):
         check_same_run(cfg, old, Path("ckpt"))
+    # The speed knobs came later and change results by rounding only: a run from before them resumes with any value.
+    cfg.objective.t_map = "linear"
+    del old["train"]["compile"], old["sample"]["compile"], old["objective"]["uncond_chunk"]
+    cfg.train.compile, cfg.sample.compile, cfg.objective.uncond_chunk = True, False, 4
+    check_same_run(cfg, old, Path("ckpt"))
+
+
+def test_compile_knobs_default_to_cuda_only_and_are_validated():
+    from mgbench.config import compile_enabled
+
+    cfg = train_config_from_dict({}, "c.yaml")
+    assert cfg.train.compile == cfg.sample.compile == "auto"
+    assert compile_enabled("auto", torch.device("cuda")) and not compile_enabled("auto", torch.device("cpu"))
+    assert compile_enabled(True, "cpu") and not compile_enabled(False, "cuda")
+    assert train_config_from_dict({"train": {"compile": True}, "sample": {"compile": False}}, "c").train.compile is True
+    with pytest.raises(ConfigError, match=r"^c\.yaml:train\.compile: 'yes' is not one of auto, true, false$"):
+        train_config_from_dict({"train": {"compile": "yes"}}, "c.yaml")
+    with pytest.raises(ConfigError, match=r"^c\.yaml:sample\.compile: expected true or false, got 1$"):
+        train_config_from_dict({"sample": {"compile": 1}}, "c.yaml")

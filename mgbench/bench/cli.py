@@ -31,6 +31,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--report-runs", type=int, default=0, help="runs in the report benchmark's store (0: 10,000; "
                    "--quick: 300)")
     b.add_argument("--no-study", action="store_true", help="skip the (slow) local study overhead measurement")
+    b.add_argument("--no-compile", action="store_true", help="skip the (slow on a CPU) compiled training-step rows")
     b.set_defaults(func=cmd_bench)
     return b
 
@@ -55,9 +56,10 @@ def runners(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
 
     rep = args.repeats or None
     n_runs = args.report_runs or (300 if args.quick else 10_000)
+    compile_rows = () if args.quick or args.no_compile else ("vanilla", "MG")
     return {
         "sampling": lambda: bench_sampling(quick=args.quick, repeats=rep),
-        "training": lambda: bench_training(quick=args.quick, repeats=rep),
+        "training": lambda: bench_training(quick=args.quick, repeats=rep, compile_rows=compile_rows),
         "models": lambda: bench_models(quick=args.quick, repeats=rep),
         "harness": lambda: bench_harness(quick=args.quick, study=not (args.quick or args.no_study)),
         "report": lambda: bench_report_section(n_runs),
@@ -108,6 +110,8 @@ def _argv_shown(args: argparse.Namespace) -> list[str]:
         shown.append(f"--threads {args.threads}")
     if args.repeats:
         shown.append(f"--repeats {args.repeats}")
+    if args.no_compile:
+        shown.append("--no-compile")
     if args.gpu_results:
         shown.append(f"--gpu-results {args.gpu_results}")
     return shown

@@ -26,8 +26,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def _checks(checks: list[Check]) -> str:
     rows = [{"claim": c.name, "measured": "not measured" if c.value is None else f"{c.value:.3f}", "goal": c.goal,
-             "met": {True: "yes", False: "no", None: "-"}[c.ok]} for c in checks]
+             "met": verdict(c)} for c in checks]
     return table(rows)
+
+
+def verdict(c: Check) -> str:
+    """The `met` cell: yes | no | - , or `unreliable (why)` when the timings cannot give a verdict."""
+    return f"unreliable ({c.unreliable})" if c.unreliable else {True: "yes", False: "no", None: "-"}[c.ok]
 
 
 def _machine(info: dict[str, Any]) -> str:

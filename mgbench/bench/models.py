@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mgbench.bench.timing import Section, autocast, interleaved, median, peak_cuda_mb, peak_rss_mb
+from mgbench.bench.timing import Section, autocast, measure, median, peak_cuda_mb, peak_rss_mb
 
 NUM_CLASSES = 10                              # label set
 CPU_ARCHS = ["DiT-XS/2", "DiT-T/2", "DiT-S/2", "DiT-B/2"]
@@ -58,11 +58,13 @@ def bench_models(archs: list[str] | None = None, *, quick: bool = False, shape: 
         run = _fwd_bwd(model, shape, batch, device, bf16)
         run()  # warm-up (and first-touch allocations)
         mem = peak_cuda_mb(run, device) if device.type == "cuda" else peak_rss_mb(run)
-        sec_per = median(interleaved({arch: run}, repeats=repeats, warmup=0, device=device)[arch])
+        timed = measure({arch: run}, repeats=repeats, warmup=0, device=device)[arch]
+        sec_per = median(timed.wall)  # achieved FLOP/s: per second of wall time (all threads)
         achieved = 3 * flops * batch / sec_per  # backward ~ 2x forward
         row = {"model": arch, "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                "fwd GFLOP/sample": round(flops / 1e9, 3), "fwd+bwd ms": round(1000 * sec_per, 1),
-               "achieved TFLOP/s": round(achieved / 1e12, 4),
+               "cpu ms": timed.columns(device)["cpu ms"], "spread": timed.columns(device)["spread"],
+               "load": timed.load, "achieved TFLOP/s": round(achieved / 1e12, 4),
                "peak mem MB": None if mem is None else round(mem, 1)}
         if peak_tflops:
             row["MFU"] = f"{achieved / (peak_tflops * 1e12):.1%}"

@@ -2,6 +2,10 @@
 
 Every comparison in `mgbench bench` runs its variants in the same process, interleaved (A B C, B C A,
 ...), and reports medians, so a machine that slows down or speeds up mid-run affects all variants alike.
+Each call is timed twice: wall time and this process's CPU time. On a CPU the ratios come from CPU time
+(time spent descheduled by other jobs does not count); on a GPU from wall time. A check whose repeats
+spread by more than SPREAD_LIMIT, or whose ratio is further below its FLOP bound than fixed costs can
+explain (less than FLOOR_SHARE of the extra FLOPs showed up as time), is reported as unreliable, not met.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+SPREAD_LIMIT = 0.20     # repeats spreading more than this ((max - min) / median) make a check unreliable
+FLOOR_SHARE = 0.5       # a cost ratio must show at least this share of its extra FLOPs: >= 1 + share * (bound - 1)
+
 
 @dataclass
 class Check:
@@ -25,12 +32,37 @@ class Check:
     value: float | None            # the measured ratio (None: not measured)
     goal: str                      # the goal in words, e.g. "~2.0 (NFE bound; paper 1.95)"
     ok: bool | None                # whether the goal is met (None: no verdict)
+    unreliable: str = ""           # why the timings give no verdict (then ok is None), e.g. "spread 35% > 20%"
 
     def line(self) -> str:
         """One printable line: name, value, goal, verdict."""
         value = "not measured" if self.value is None else f"{self.value:.3f}"
         verdict = {True: "ok", False: "MISSED", None: "-"}[self.ok]
+        if self.unreliable:
+            verdict = f"UNRELIABLE: {self.unreliable}"
         return f"{self.name}: {value}  (goal {self.goal})  [{verdict}]"
+
+
+def unreliable_because(spreads: list[float], ratio: float | None = None, bound: float | None = None) -> str:
+    """Why a ratio measured with these repeat spreads cannot be trusted ("" when it can).
+
+    `bound` is the ratio the FLOPs predict (> 1: the variant does that much more work); fixed costs pull a
+    measured ratio below it, but not under 1 + FLOOR_SHARE * (bound - 1).
+    """
+    worst = max(spreads, default=0.0)
+    if worst > SPREAD_LIMIT:
+        return f"spread {worst:.0%} > {SPREAD_LIMIT:.0%}"
+    if ratio is not None and bound is not None and bound > 1:
+        floor = 1 + FLOOR_SHARE * (bound - 1)
+        if ratio < floor:
+            return f"ratio {ratio:.3f} < {floor:.3f}, less than the FLOP bound {bound:.3f} allows"
+    return ""
+
+
+def judged(name: str, value: float, goal: str, ok: bool, spreads: list[float], bound: float | None = None) -> Check:
+    """A check whose verdict is withheld (ok None, the reason in `unreliable`) when its timings are not trusted."""
+    why = unreliable_because(spreads, value, bound)
+    return Check(name, value, goal, None if why else ok, why)
 
 
 @dataclass
@@ -59,23 +91,56 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                device: torch.device | str | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each fn: warm-up calls, then `repeats` rounds with the order rotated each round."""
+@dataclass
+class Timed:
+    """The repeats of one timed function."""
+
+    wall: list[float] = field(default_factory=list)   # seconds per call, wall clock
+    cpu: list[float] = field(default_factory=list)    # seconds per call, CPU time of this process (all its threads)
+    load: float | None = None                         # 1-minute load average when the repeats ended
+
+    def basis(self, device: torch.device | str | None) -> list[float]:
+        """The times ratios are taken from: CPU time on a CPU, wall time on a GPU."""
+        return self.wall if device is not None and torch.device(device).type == "cuda" else self.cpu
+
+    def columns(self, device: torch.device | str | None, scale: float = 1.0) -> dict[str, Any]:
+        """Table columns: median wall and CPU ms (divided by `scale`), spread of the basis, load average."""
+        return {"wall ms": round(1000 * median(self.wall) / scale, 1),
+                "cpu ms": round(1000 * median(self.cpu) / scale, 1),
+                "spread": f"{spread(self.basis(device)):.0%}", "load": self.load}
+
+
+def measure(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+            device: torch.device | str | None = None) -> dict[str, Timed]:
+    """Wall and CPU seconds per call of each fn: warm-up calls, then `repeats` rounds, order rotated each round."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times = {n: Timed() for n in names}
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             sync(device)
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].wall.append(time.perf_counter() - w0)
+            times[name].cpu.append(time.process_time() - c0)
+    for t in times.values():
+        t.load = load_average()
     return times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
+                device: torch.device | str | None = None) -> dict[str, list[float]]:
+    """Wall seconds per call of each fn (see `measure`)."""
+    return {n: t.wall for n, t in measure(fns, repeats=repeats, warmup=warmup, device=device).items()}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def median(xs: list[float]) -> float:
@@ -87,11 +152,6 @@ def spread(xs: list[float]) -> float:
     """(max - min) / median: how noisy a set of repeats was."""
     m = statistics.median(xs)
     return (max(xs) - min(xs)) / m if m > 0 else 0.0
-
-
-def near(value: float, target: float, tol: float) -> bool:
-    """Whether value is within a relative tolerance of target."""
-    return abs(value / target - 1.0) <= tol
 
 
 # ----------------------------------------------------------------------------- peak memory (CPU)

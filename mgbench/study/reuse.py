@@ -24,7 +24,9 @@ from mgbench.tracking import (A_CONFIG, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_REUSED
 # and checkpoints, how its run is split into jobs, the device, and objective.force (a validation override that
 # lets f*g >= 1 through; Table 3 sets it for its w = 2 row). Two trials that differ only here share a hash.
 NON_SEMANTIC_KEYS = ("name", "out_dir", "data.cache_dir", "eval.cache_dir", "train.log_every", "train.ckpt_every",
-                     "train.keep_ckpts", "train.max_steps_per_run", "train.device", "objective.force")
+                     "train.keep_ckpts", "train.max_steps_per_run", "train.device", "objective.force",
+                     # results equal up to float rounding (and hashes of configs from before these keys unchanged):
+                     "train.compile", "sample.compile", "objective.uncond_chunk", "eval.gather_chunk")
 
 # Optuna user attrs of a trial (read by the cache; copied to a trial that reuses it, except OWN_ATTRS).
 UA_CONFIG_HASH = TAG_CONFIG_HASH       # the config hash (also an MLflow tag of the trial run)

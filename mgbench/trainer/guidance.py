@@ -47,15 +47,26 @@ def draw_uncond_labels(batch: int, num_classes: int, n: int, generator: torch.Ge
     """(B, N) labels: all classes in order when N == num_classes, else N distinct random ones per sample.
 
     With `exclude` (B,) the labels are N distinct random ones other than exclude[i] (N <= num_classes - 1).
+    The scores come from the generator's device and are ranked on `device` (no copy back to the host).
     """
     if exclude is None and n >= num_classes:
         return torch.arange(num_classes, device=device).expand(batch, num_classes)
     gen_device = generator.device if generator is not None else "cpu"
-    scores = torch.rand(batch, num_classes, generator=generator, device=gen_device)
+    scores = to_device(torch.rand(batch, num_classes, generator=generator, device=gen_device), device)
     if exclude is not None:  # the excluded label sorts last, so it is never among the first N <= C - 1
         n = min(n, num_classes - 1)
-        scores.scatter_(1, exclude.to(gen_device).long().unsqueeze(1), 2.0)
-    return scores.argsort(dim=1)[:, :n].to(device)
+        scores.scatter_(1, exclude.to(scores.device).long().unsqueeze(1), 2.0)
+    return scores.argsort(dim=1)[:, :n]
+
+
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """x on `device`; a host tensor goes to a GPU through pinned memory without blocking (no host sync)."""
+    device = torch.device(device)
+    if x.device == device or (device.type == "cuda" and x.device.type == "cuda" and device.index is None):
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def uncond_label_sets_for(y: Tensor, num_classes: int, uncond_estimate: str = "uniform", uncond_labels: int = 0,
@@ -74,9 +85,10 @@ def uncond_label_sets_for(y: Tensor, num_classes: int, uncond_estimate: str = "u
 def cond_and_uncond(model: Model, x: Tensor, t_net: Tensor, y: Tensor, *, num_classes: int,
                     empty_class: bool = True, uncond_labels: int = 0, w_cond: Tensor | None = None,
                     generator: torch.Generator | None = None,
-                    uncond_label_sets: Tensor | None = None, uncond_estimate: str = "uniform") -> tuple[Tensor, Tensor]:
-    """Conditional and unconditional predictions from one batched forward."""
-    b = x.shape[0]
+                    uncond_label_sets: Tensor | None = None, uncond_estimate: str = "uniform",
+                    chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Conditional and unconditional predictions from one batched forward (`chunk` > 0: at most that many
+    label predictions per forward beside the conditional one, summed; memory (1 + chunk) x B instead of (1 + N) x B)."""
     if empty_class:
         extra = torch.full_like(y, num_classes).unsqueeze(0)                       # (1, B)
     else:
@@ -84,12 +96,27 @@ def cond_and_uncond(model: Model, x: Tensor, t_net: Tensor, y: Tensor, *, num_cl
             uncond_label_sets = uncond_label_sets_for(y, num_classes, uncond_estimate, uncond_labels, generator)
         extra = uncond_label_sets.to(y.device).T                                   # (N, B)
     n = extra.shape[0]
-    labels = torch.cat([y, extra.reshape(-1)])
-    w = None if w_cond is None else torch.cat([w_cond, torch.zeros(n * b, dtype=w_cond.dtype, device=w_cond.device)])
-    out = model(x.repeat(1 + n, *([1] * (x.dim() - 1))), t_net.repeat(1 + n), labels, w=w)
-    cond, rest = out[:b], out[b:]
-    uncond = rest if n == 1 else rest.reshape(n, b, *rest.shape[1:]).mean(dim=0)
-    return cond, uncond
+    size = n if chunk <= 0 else min(chunk, n)
+    out = _label_forward(model, x, t_net, torch.cat([y.unsqueeze(0), extra[:size]]), w_cond)
+    cond, rest = out[0], out[1:]
+    if size == n:  # one forward: the mean over the N predictions
+        return cond, rest[0] if n == 1 else rest.mean(dim=0)
+    total = rest.sum(dim=0)
+    for i in range(size, n, size):  # the other chunks, without the conditional branch
+        total = total + _label_forward(model, x, t_net, extra[i:i + size], w_cond, cond_first=False).sum(dim=0)
+    return cond, total / n
+
+
+def _label_forward(model: Model, x: Tensor, t_net: Tensor, labels: Tensor, w_cond: Tensor | None,
+                   cond_first: bool = True) -> Tensor:
+    """(K, B, ...) predictions for K label rows (K, B) in one forward; w-input: w_cond on a leading cond row, else 0."""
+    k, b = labels.shape
+    w = None
+    if w_cond is not None:
+        zeros = torch.zeros((k - cond_first) * b, dtype=w_cond.dtype, device=w_cond.device)
+        w = torch.cat([w_cond, zeros]) if cond_first else zeros
+    out = model(x.repeat(k, *([1] * (x.dim() - 1))), t_net.repeat(k), labels.reshape(-1), w=w)
+    return out.reshape(k, b, *out.shape[1:])
 
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, learn_sigma: bool = False) -> Tensor:

@@ -5,10 +5,14 @@ decay of step t is min(ema_decay, (1 + t) / (10 + t)): 0.991 at step 1000 and 0.
 steps, so in short runs the teacher follows the model closely and MG reaches its fixed point early
 (grid2d, 6k steps, w = 1.5: CFG s* ~1.0 instead of ~0.6 with a plain 0.999 EMA). It is logged as
 `train/ema_decay`.
+
+A step does not wait for the device (mgbench.trainer.step): the losses of a logging window stay on the
+device and are read, and checked for NaN/inf, when the window is logged, evaluated or checkpointed; a
+checkpoint never holds weights of a diverged step.
 """
 from __future__ import annotations
 
-import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +22,24 @@ import torch
 import yaml
 
 from mgbench import tracking as T
-from mgbench.config import ConfigError, TrainConfig
+from mgbench.config import ConfigError, TrainConfig, compile_enabled
 from mgbench.trainer import distributed as D
 from mgbench.trainer.autow import AutoW
 from mgbench.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgbench.trainer.data import load_dataset
+from mgbench.trainer.data import Dataset, load_dataset
+from mgbench.trainer.guidance import to_device
 from mgbench.trainer.hooks import EvalContext, EvalHook
 from mgbench.trainer.models import build_model
 from mgbench.trainer.objective import Objective, implied_cfg_scale
 from mgbench.trainer.outputs import model_cost, write_samples
 from mgbench.trainer.progress import Progress, ProgressFn
+from mgbench.trainer.step import StepModules, ema_decay_at, step_modules, train_step
 
-# Fields that may change between invocations on the same run folder (everything else must match).
+# Fields that may change between invocations on the same run folder (everything else must match). The speed
+# knobs (compile, uncond_chunk) change results only by float rounding, so runs from before them resume too.
 RESUMABLE_CHANGES = ("train.steps", "train.max_steps_per_run", "train.eval_every", "train.log_every",
-                     "train.ckpt_every", "train.keep_ckpts", "train.device", "eval.", "sample.", "name", "out_dir")
+                     "train.ckpt_every", "train.keep_ckpts", "train.device", "train.compile", "objective.uncond_chunk",
+                     "eval.", "sample.", "name", "out_dir")
 # Keys a run folder from an older mgbench lacks are read as their defaults, except these, read as the behaviour
 # that run had (so a resume that would change it is refused, naming the key, instead of switching mid-run).
 LEGACY_VALUES = {"objective.t_map": "linear", "objective.uncond_estimate": "uniform"}
@@ -58,164 +66,219 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
     cfg.validate()
     tracker = tracker or T.NullTracker()
     tc, oc = cfg.train, cfg.objective
-    env = D.setup(tc.device)
+    env = setup_device(cfg)
     device, rank, world = env.device, env.rank, env.world_size
-    if cfg.optim.batch_size % world:
-        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is not divisible by {world} ranks")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
-        torch.backends.cudnn.allow_tf32 = tc.tf32
     out = Path(cfg.out_dir)
 
     # Data, model, EMA teacher, optimiser.
     data = load_dataset(cfg.data, "train", seed=tc.seed, cache_root=out.parent / "latents", device=device)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
-                        empty_class=oc.empty_class, learn_sigma=cfg.model.learn_sigma,
-                        w_input=cfg.model.w_input).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=tuple(cfg.optim.betas))
+    m = build_step_modules(cfg, data, env)
+    model = m.model
+    sampler = torch.compile(m.ema) if compile_enabled(cfg.sample.compile, device) else m.ema
     objective = Objective(oc, data.num_classes, cfg.model.w_input, cfg.model.learn_sigma)
     autow = AutoW.for_run(cfg) if oc.auto_w.enabled else None
 
     # Resume from the latest checkpoint, or start a new run folder.
-    step, window, last_eval = 0, {"loss": 0.0, "mg": 0.0, "n": 0, "time": 0.0}, {}
+    step, window, last_eval = 0, Window(), {}
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        check_same_run(cfg, state["config"], ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        step, window, last_eval = state["step"], state["window"], state.get("last_eval", {})
-        if autow is not None:
-            autow.load_state_dict(state["auto_w"])
-        torch.set_rng_state(state["rng"]["torch"])
+        step, window, last_eval = restore(cfg, ckpt, m, autow)
         if rank == 0 and step < tc.steps:
             tracker.log_metrics({T.M_RESUMED: step}, step=step)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / T.A_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if rank == 0 and step == 0:
-        params = T.flatten(cfg.to_dict())
-        params["objective.implied_cfg_scale"] = implied_cfg_scale(oc.mean_g, oc.mg_fraction, cfg.model.w_input)
-        tracker.log_params(params)
-        tracker.log_artifact(out / T.A_CONFIG)
-        n_params, gflops = model_cost(model, data, device)
-        tracker.log_metrics({T.M_PARAMS: n_params, T.M_GFLOPS: gflops}, step=0)
-    net = D.wrap(model, env)
-    teacher = ema if oc.teacher == "ema" else model
+        log_run_params(cfg, model, data, device, tracker)
 
     def current_w() -> float:
         return autow.w if autow is not None else oc.w
 
-    def teacher_decay() -> float:
-        return ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
-
     def evaluate() -> dict[str, float]:
-        probes = autow.probes(step, teacher_decay()) if autow is not None else {}  # same checkpoint, other w
-        ctx = EvalContext(cfg, ema, step, current_w(), device, data, str(out), rank, world, probes)
+        decay = ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
+        probes = autow.probes(step, decay) if autow is not None else {}  # same checkpoint, other w
+        ctx = EvalContext(cfg, sampler, step, current_w(), device, data, str(out), rank, world, probes)
         return eval_hook(ctx) if eval_hook is not None else {}
-
-    def save() -> None:
-        if rank == 0:
-            # Metrics reach the tracker only with the checkpoint that covers them: a resumed run redoes
-            # the steps after its checkpoint and logs them once. They go first, so a crash between the
-            # two can only repeat a window, which the tracker drops (it keeps the steps it has seen).
-            for metrics, at in pending:
-                tracker.log_metrics(metrics, step=at)
-            tracker.flush()
-            save_checkpoint(out, step, {
-                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "window": window, "config": cfg.to_dict(), "last_eval": last_eval,
-                "auto_w": autow.state_dict() if autow is not None else None,
-                "rng": {"torch": torch.get_rng_state()}}, keep=tc.keep_ckpts)
-        pending.clear()
-        D.barrier(env)
 
     def report(kind: str, values: dict[str, float]) -> None:
         if progress is not None and rank == 0:
             progress(Progress(step, tc.steps, start_step, time.perf_counter() - started, "step", kind, values))
 
-    pending: list[tuple[dict[str, float], int]] = []
+    pending: list[tuple[dict[str, float], int]] = []   # step metrics waiting for the checkpoint that covers them
     losses: list[tuple[int, float]] = []
-    done_here, B = 0, cfg.optim.batch_size
-    start_step, started = step, time.perf_counter()
+    done_here, start_step, started = 0, step, time.perf_counter()
     model.train()
     while step < tc.steps:
         t0 = time.perf_counter()
-        # Draw the whole global batch from a generator keyed by (seed, step): ranks and resumes agree.
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(data), (B,), generator=gen)
-        noise = objective.draw(B, data.shape, gen, current_w())
-        shard = slice(rank * B // world, (rank + 1) * B // world)
-        x0, y = data.x[idx[shard]].to(device), data.y[idx[shard]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-            loss, stats = objective.loss(net, teacher, x0, y, noise.shard(rank, world), oc.mg and step >= oc.start_step)
-        loss_all = D.mean(loss.detach(), env)
-        if not torch.isfinite(loss_all):
-            raise TrainingDiverged(f"loss is {loss_all.item()} at step {step + 1} ({cfg.out_dir}); "
-                                   "lower the learning rate or w, or resume from an earlier checkpoint")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        update_ema(ema, model, cfg.optim.ema_decay, step, cfg.optim.ema_warmup)
+        x0, y, noise = draw_batch(data, objective, cfg, step, current_w(), rank, world, device)
+        loss, mg_share = train_step(m, objective, x0, y, noise, mg_on=oc.mg and step >= oc.start_step,
+                                    ema_decay=ema_decay_at(cfg.optim.ema_decay, step, cfg.optim.ema_warmup),
+                                    grad_clip=cfg.optim.grad_clip, bf16=tc.precision == "bf16")
         step, done_here = step + 1, done_here + 1
-        losses.append((step, loss_all.item()))
-        window = {"loss": window["loss"] + loss_all.item(), "mg": window["mg"] + stats["mg_share"],
-                  "n": window["n"] + 1, "time": window["time"] + time.perf_counter() - t0}
+        window.add(step, D.mean(loss, env), mg_share, time.perf_counter() - t0)
+        log_now = step % tc.log_every == 0 or step == tc.steps
+        eval_now = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
+        capped = tc.max_steps_per_run and done_here >= tc.max_steps_per_run
+        save_now = step % tc.ckpt_every == 0 or step == tc.steps or capped
+        if log_now or eval_now or save_now:
+            losses += window.read(cfg.out_dir)  # the one host sync of a window: raises on NaN/inf, naming the step
 
         # Log the window's means.
-        if step % tc.log_every == 0 or step == tc.steps:
-            n = window["n"]
-            w_now = current_w()
-            pending.append(({T.M_LOSS: window["loss"] / n, T.M_LOSS_MG: window["mg"] / n, T.M_W: w_now,
-                             T.M_STEP_TIME: window["time"] / n,
-                             T.M_EMA_DECAY: ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup),
-                             T.M_IMPLIED_CFG: implied_cfg_scale(w_now - 1 if oc.w_range is None else oc.mean_g,
-                                                                oc.mg_fraction, cfg.model.w_input)}, step))
-            report("train", {"loss": window["loss"] / n} | ({"w": w_now} if autow is not None else {}))
-            window = {"loss": 0.0, "mg": 0.0, "n": 0, "time": 0.0}
+        if log_now:
+            pending.append((window_metrics(cfg, window, step, current_w()), step))
+            report("train", {"loss": window.loss / window.n} | ({"w": current_w()} if autow is not None else {}))
+            window = Window()
 
         # Evaluate (and move automatic w).
-        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+        if eval_now:
             last_eval = evaluate()
-            decision = autow.update(step, last_eval, teacher_decay()) if autow is not None else {}
+            decay = ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
+            decision = autow.update(step, last_eval, decay) if autow is not None else {}
             pending.append((T.tracked_eval(last_eval) | decision, step))
             report("eval", last_eval)
             model.train()
 
-        # Save state checkpoint.
-        capped = tc.max_steps_per_run and done_here >= tc.max_steps_per_run
-        if step % tc.ckpt_every == 0 or step == tc.steps or capped:
-            save()
+        # Save state checkpoint (metrics reach the tracker only with the checkpoint that covers them).
+        if save_now:
+            save(cfg, out, run_state(cfg, step, m, window, last_eval, autow), pending, tracker, env)
         if capped and step < tc.steps:
             return TrainResult("paused", step, str(out), current_w(), last_eval, losses)
 
     # Final samples (grid image, and the points themselves for grid2d).
     if rank == 0 and done_here > 0:
-        for path in write_samples(cfg, ema, data, current_w(), device, out, step):
+        for path in write_samples(cfg, sampler, data, current_w(), device, out, step):
             tracker.log_artifact(path, T.A_SAMPLES)
         tracker.flush()
     return TrainResult("finished", step, str(out), current_w(), last_eval, losses)
 
 
-def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
-    """The EMA decay used at (0-based) `step`: min(decay, (1 + step) / (10 + step)) under warm-up, else decay."""
-    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+# ----------------------------------------------------------------------------- the loop's parts
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int, warmup: bool) -> None:
-    """ema <- d * ema + (1 - d) * model, with d = ema_decay_at(decay, step, warmup)."""
-    d = ema_decay_at(decay, step, warmup)
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+class Window:
+    """A logging window: per-step losses stay on the device until `read`; sums of losses, MG shares, seconds."""
+
+    def __init__(self, saved: dict[str, float] | None = None) -> None:
+        saved = saved or {"loss": 0.0, "mg": 0.0, "n": 0, "time": 0.0}
+        self.loss, self.mg, self.n, self.time = saved["loss"], saved["mg"], saved["n"], saved["time"]
+        self.unread: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor, mg_share: float, seconds: float) -> None:
+        self.unread.append((step, loss))
+        self.mg, self.n, self.time = self.mg + mg_share, self.n + 1, self.time + seconds
+
+    def read(self, where: str) -> list[tuple[int, float]]:
+        """The unread (step, loss) pairs, added to the sums in step order; TrainingDiverged on the first NaN/inf."""
+        if not self.unread:
+            return []
+        t0 = time.perf_counter()
+        values = torch.stack([loss for _, loss in self.unread]).tolist()  # waits for the queued steps
+        pairs = [(s, v) for (s, _), v in zip(self.unread, values)]
+        self.unread, self.time = [], self.time + time.perf_counter() - t0
+        for s, v in pairs:
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"loss is {v} at step {s} ({where}); "
+                                       "lower the learning rate or w, or resume from an earlier checkpoint")
+            self.loss += v
+        return pairs
+
+    def state(self) -> dict[str, float]:
+        """The sums, for a checkpoint (read first)."""
+        assert not self.unread, "read the window before saving it"
+        return {"loss": self.loss, "mg": self.mg, "n": self.n, "time": self.time}
+
+
+def setup_device(cfg: TrainConfig) -> D.DistEnv:
+    """Join the process group, check the batch splits over the ranks, set TF32 on a GPU."""
+    env = D.setup(cfg.train.device)
+    if cfg.optim.batch_size % env.world_size:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is not divisible by {env.world_size} ranks")
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    return env
+
+
+def build_step_modules(cfg: TrainConfig, data: Dataset, env: D.DistEnv) -> StepModules:
+    """The model (initialised from the seed), AdamW and the EMA teacher; DDP-wrapped and compiled as configured."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
+                        empty_class=cfg.objective.empty_class, learn_sigma=cfg.model.learn_sigma,
+                        w_input=cfg.model.w_input).to(env.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                            betas=tuple(cfg.optim.betas))
+    compile = compile_enabled(cfg.train.compile, env.device)
+    return step_modules(model, opt, teacher=cfg.objective.teacher, compile=compile, wrap=lambda net: D.wrap(net, env))
+
+
+def draw_batch(data: Dataset, objective: Objective, cfg: TrainConfig, step: int, w: float, rank: int, world: int,
+               device: torch.device):
+    """This rank's (x0, y, noise) of the global batch of `step`, drawn from a generator keyed by (seed, step),
+    so ranks and resumes agree; the noise stays on the host (the objective moves what it needs)."""
+    B = cfg.optim.batch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    idx = torch.randint(0, len(data), (B,), generator=gen)
+    noise = objective.draw(B, data.shape, gen, w)
+    mine = idx[rank * B // world:(rank + 1) * B // world]
+    return to_device(data.x[mine], device), to_device(data.y[mine], device), noise.shard(rank, world)
+
+
+def window_metrics(cfg: TrainConfig, window: Window, step: int, w: float) -> dict[str, float]:
+    """The step metrics of a logging window: mean loss and MG share, w, step time, EMA decay, implied CFG scale."""
+    oc, n = cfg.objective, window.n
+    g = w - 1 if oc.w_range is None else oc.mean_g
+    return {T.M_LOSS: window.loss / n, T.M_LOSS_MG: window.mg / n, T.M_W: w, T.M_STEP_TIME: window.time / n,
+            T.M_EMA_DECAY: ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup),
+            T.M_IMPLIED_CFG: implied_cfg_scale(g, oc.mg_fraction, cfg.model.w_input)}
+
+
+def log_run_params(cfg: TrainConfig, model: torch.nn.Module, data: Dataset, device: torch.device,
+                   tracker: T.Tracker) -> None:
+    """A new run's params, config artifact, parameter count and GFLOPs."""
+    oc = cfg.objective
+    params = T.flatten(cfg.to_dict())
+    params["objective.implied_cfg_scale"] = implied_cfg_scale(oc.mean_g, oc.mg_fraction, cfg.model.w_input)
+    tracker.log_params(params)
+    tracker.log_artifact(Path(cfg.out_dir) / T.A_CONFIG)
+    n_params, gflops = model_cost(model, data, device)
+    tracker.log_metrics({T.M_PARAMS: n_params, T.M_GFLOPS: gflops}, step=0)
+
+
+def run_state(cfg: TrainConfig, step: int, m: StepModules, window: Window, last_eval: dict[str, float],
+              autow: AutoW | None) -> dict[str, Any]:
+    """Everything a checkpoint holds (read back by `restore`)."""
+    return {"step": step, "model": m.model.state_dict(), "ema": m.ema.state_dict(),
+            "optimizer": m.opt.state_dict(), "window": window.state(), "config": cfg.to_dict(),
+            "last_eval": last_eval, "auto_w": autow.state_dict() if autow is not None else None,
+            "rng": {"torch": torch.get_rng_state()}}
+
+
+def restore(cfg: TrainConfig, ckpt: Path, m: StepModules, autow: AutoW | None
+            ) -> tuple[int, Window, dict[str, float]]:
+    """Load a checkpoint written by `run_state` (after checking it is this run's); (step, window, last_eval)."""
+    state = load_checkpoint(ckpt)
+    check_same_run(cfg, state["config"], ckpt)
+    m.model.load_state_dict(state["model"])
+    m.ema.load_state_dict(state["ema"])
+    m.opt.load_state_dict(state["optimizer"])
+    if autow is not None:
+        autow.load_state_dict(state["auto_w"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"], Window(state["window"]), state.get("last_eval", {})
+
+
+def save(cfg: TrainConfig, out: Path, state: dict[str, Any], pending: list[tuple[dict[str, float], int]],
+         tracker: T.Tracker, env: D.DistEnv) -> None:
+    """Log the pending step metrics, then write the checkpoint (rank 0); all ranks wait for it."""
+    if env.rank == 0:
+        # A resumed run redoes the steps after its checkpoint and logs them once. Metrics go first, so a crash
+        # between the two can only repeat a window, which the tracker drops (it keeps the steps it has seen).
+        for metrics, at in pending:
+            tracker.log_metrics(metrics, step=at)
+        tracker.flush()
+        save_checkpoint(out, state["step"], state, keep=cfg.train.keep_ckpts)
+    pending.clear()
+    D.barrier(env)
 
 
 def check_same_run(cfg: TrainConfig, saved: dict[str, Any], ckpt: Path) -> None:

@@ -5,7 +5,8 @@ MG (Model-guidance) replaces the plain target of a labelled sample by
     target' = target + g * sg(pred_teacher(x_t, t, c) - pred_teacher(x_t, t, empty)),   g = w - 1
 
 (w counted as in the paper, w = 1 is vanilla). The teacher is the EMA model (or the online model),
-queried without gradient in ONE batched forward on [cond; uncond]. Dropped samples (ratio lambda)
+queried without gradient in ONE batched forward on [cond; uncond] (without an empty class: [cond; N
+labels], in chunks of `uncond_chunk` labels), on the guided samples only. Dropped samples (ratio lambda)
 keep the plain target. With a share f of the labelled samples on the MG target, the fixed point of
 training is CFG with scale s = f*g / (1 - f*g) (`implied_cfg_scale`).
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mgbench.config import ObjectiveConfig
-from mgbench.trainer.guidance import cond_and_uncond, net_time
+from mgbench.trainer.guidance import cond_and_uncond, net_time, to_device
 from mgbench.trainer.paths import DDPMSchedule, FlowPath, _bcast
 
 
@@ -112,27 +113,34 @@ class Objective:
 
     # -- loss
 
+    def guided(self, nz: BatchNoise, mg_on: bool) -> torch.Tensor:
+        """(B,) bool where the noise lives (the host, in the trainer): the samples whose target gets the MG term."""
+        if not mg_on:
+            return torch.zeros_like(nz.mg)
+        return nz.mg & ~nz.drop & (self.flow_time(nz.t) < self.cfg.t_high) & (nz.w != 1)
+
     def loss(self, model, teacher, x0: torch.Tensor, y: torch.Tensor, nz: BatchNoise, mg_on: bool
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean squared error against the (MG) target; `mg_on` is false before start_step."""
+        """Mean squared error against the (MG) target; `mg_on` is false before start_step.
+
+        No host sync when `nz` is on the host (as the trainer draws it): the guided subset is chosen there.
+        """
         c, dev = self.cfg, x0.device
-        t, eps = nz.t.to(dev), nz.eps.to(dev, x0.dtype)
+        t, eps = to_device(nz.t, dev), to_device(nz.eps, dev).to(x0.dtype)
         if self.schedule is not None:
             x_t, target = self.schedule.add_noise(x0, eps, t), eps
         else:
             x_t, target = FlowPath.add_noise(x0, eps, t), FlowPath.target(x0, eps)
-        y_in = drop_labels(y, nz.drop.to(dev), self.num_classes) if c.empty_class else y
+        y_in = drop_labels(y, to_device(nz.drop, dev), self.num_classes) if c.empty_class else y
         t_net = net_time(c.formulation, t, c.diffusion_steps)
-        w_in = self.fed_w(nz).to(dev, x0.dtype) if self.w_input else None
+        w_in = to_device(self.fed_w(nz), dev).to(x0.dtype) if self.w_input else None
 
-        guided = torch.zeros(len(y), dtype=torch.bool, device=dev)
-        if mg_on:
-            guided = nz.mg.to(dev) & ~nz.drop.to(dev) & (self.flow_time(t) < c.t_high) & (nz.w.to(dev) != 1)
+        guided = self.guided(nz, mg_on)
         if guided.any():
+            idx = to_device(guided.nonzero().squeeze(1), dev)
             target = target.clone()
-            idx = guided.nonzero().squeeze(1)
             target[idx] = self._guided_target(teacher, x_t[idx], t_net[idx], y[idx], target[idx],
-                                              nz.w.to(dev)[idx], nz.uncond_gen_seed)
+                                              to_device(nz.w[guided], dev), nz.uncond_gen_seed)
 
         out = model(x_t, t_net, y_in, w_in)
         if self.learn_sigma:
@@ -144,13 +152,14 @@ class Objective:
 
     @torch.no_grad()
     def _guided_target(self, teacher, x_t, t_net, y, target, w, seed: int) -> torch.Tensor:
-        """target + (w - 1) * sg(cond - uncond) from one batched teacher forward."""
+        """target + (w - 1) * sg(cond - uncond) from one batched teacher forward (chunked without an empty class)."""
         c = self.cfg
         gen = torch.Generator().manual_seed(seed)
         w_cond = torch.ones_like(w).to(x_t.dtype) if self.w_input else None
         cond, uncond = cond_and_uncond(teacher, x_t, t_net, y, num_classes=self.num_classes,
                                        empty_class=c.empty_class, uncond_labels=c.uncond_labels,
-                                       w_cond=w_cond, generator=gen, uncond_estimate=c.uncond_estimate)
+                                       w_cond=w_cond, generator=gen, uncond_estimate=c.uncond_estimate,
+                                       chunk=c.uncond_chunk)
         if self.learn_sigma:
             cond, uncond = cond[:, : target.shape[1]], uncond[:, : target.shape[1]]
         return mg_target(target, cond.to(target.dtype), uncond.to(target.dtype), w - 1)
