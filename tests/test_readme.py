@@ -61,6 +61,9 @@ NOT_RUN = {
     "report table3 --study studies/digits/dit_table3_w.yaml --study studies/digits/dit_table3_auto.yaml "
     "--out reports/digits": "needs the digits studies' runs (hours) and writes the committed reports/digits",
     "bench --out reports/benchmarks.md": "writes the committed reports/benchmarks.md",
+    "study cancel studies/quickstart.yaml": "stops a running study's jobs (tests/test_study_jobstates.py)",
+    "report system --study studies/digits/sit_table3_w.yaml --runs-dir runs/digits/system/sit":
+        "needs the digits studies' runs (hours) and re-evaluates their checkpoints (tests/test_report_system.py)",
 }
 
 

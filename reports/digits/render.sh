@@ -31,13 +31,20 @@ render() {  # render ITEM STUDY...
     echo "skip $item: none of $* has run" >&2
   fi
 }
-rm -f "$OUT"/table[0-9]* "$OUT"/fig[0-9]* "$OUT"/frontier_*/*   # nothing stale from an earlier harness stays
+rm -f "$OUT"/table[0-9]* "$OUT"/fig[0-9]* "$OUT"/system_* "$OUT"/frontier_*/*   # nothing stale from an earlier harness stays
 render table3 dit_table3_w dit_table3_auto sit_table3_w sit_table3_auto
 render fig4 dit_table3_w sit_table3_w
 render fig5 dit_table3_w sit_table3_w
 render table4 dit_table4_lambda sit_table4_lambda
 render table5 dit_table5_w_input sit_table5_w_input
 render table6 dit_table6_empty_class sit_table6_empty_class
+render table7 sit_table7_size
+render fig6 sit_table7_size
+for f in dit sit; do   # the system-level row: best MG vs best CFG at CFG's steps and at equal NFE (evaluations cached)
+  if [ -n "$(studies ${f}_table3_w)" ]; then
+    "$MGBENCH" report system --study "studies/digits/${f}_table3_w.yaml" --runs-dir "runs/digits/system/$f" --out "$OUT"
+  fi
+done
 for f in dit sit; do   # each MG row's effective CFG scale s* at matched recall, with bootstrap CIs over seeds
   if [ -n "$(studies ${f}_table3_w)" ]; then
     "$MGBENCH" frontier --study "studies/digits/${f}_table3_w.yaml" --out "$OUT/frontier_$f"
