@@ -103,6 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     display = ConsoleProgress(every=args.print_every)   # a tqdm bar on a terminal, plain lines in a log
     try:
         result = train(cfg, tracker, hook, progress=display)
+    except OSError as e:  # a full disk, a file-size limit, an unwritable folder: one line, exit 1 (rerun resumes)
+        display.close()
+        print_error(args._parser.prog, e)
+        return 1
     finally:
         display.close()
     if run is not None:

@@ -69,6 +69,9 @@ def test_extends_with_inline_overrides(tmp_path):
     ("n_trials: 3\n", "spec.yaml:n_trials: 3 is more than the grid size 2"),
     ("executor: cloud\n", "spec.yaml:executor.type: 'cloud' is not one of local, debug, slurm"),
     ("storage: optuna.db\n", "spec.yaml:storage: expected a URI"),
+    ("lost_after_s: 0\n", "spec.yaml:lost_after_s: expected a number > 0, got 0"),
+    ("lost_after_s: -5.5\n", "spec.yaml:lost_after_s: expected a number > 0, got -5.5"),
+    ("lost_after_s: soon\n", "spec.yaml:lost_after_s: expected a number > 0, got 'soon'"),
 ])
 def test_validation_errors_name_file_and_field(tmp_path, extra, expected):
     body = GOOD
@@ -212,3 +215,13 @@ def test_local_trials_share_the_cores(tmp_path):
     assert local_threads(spec, cpus=2, env={"OMP_NUM_THREADS": "2"}) is None
     spec.executor.type = "slurm"      # a cluster job gets the CPUs its allocation says
     assert local_threads(spec, cpus=2, env={}) is None
+
+
+def test_lost_after_s_is_a_spec_field_the_driver_uses(tmp_path):
+    """How long a job SLURM does not know may stay unknown before it is lost: 600 s unless the spec says."""
+    from mgbench.study.runner import Driver
+
+    assert load_spec(write_spec(tmp_path, GOOD), {"out_dir": str(tmp_path / "o")}).lost_after_s == 600.0
+    spec = load_spec(write_spec(tmp_path, GOOD + "lost_after_s: 45\n"), {"out_dir": str(tmp_path / "o")})
+    assert spec.lost_after_s == 45.0
+    assert Driver(spec, echo=lambda line: None).lost_after_s == 45.0

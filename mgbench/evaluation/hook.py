@@ -4,7 +4,9 @@ Returned names have no `eval/` prefix (fid, sfid, is, kid, precision, recall, in
 coverage, swd, center_dist, img_per_s, nfe); sweep entries are named by `tracking.metric_sweep`
 (`sweep/cfg_scale_0.50/fid`), w-input sweeps by `tracking.metric_wsweep`, auto-w probes by
 `tracking.metric_probe`; the trainer logs those as they are. Every rank samples its share; rank 0
-computes the metrics and broadcasts them, so all ranks return the same dict.
+computes the metrics and broadcasts them, so all ranks return the same dict. What rank 0 computes alone
+goes through `distributed.on_rank0`: an error there (a missing reference, a failed extractor) is raised
+on every rank at once, not left to the process-group timeout.
 
 Evaluation noise is measured, not assumed: each evaluation draws `eval.sample_seeds` (K) disjoint
 sample sets (seed index k: sample i has seed `sample.seed + k * SEED_STRIDE + i`, the same in every
@@ -19,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mgbench import tracking as T
 from mgbench.config import TrainConfig
@@ -27,6 +28,7 @@ from mgbench.evaluation import metrics as M
 from mgbench.evaluation.generate import generate, save_images
 from mgbench.evaluation.grid2d import grid_metrics
 from mgbench.evaluation.speed import measure_throughput
+from mgbench.trainer import distributed as D
 from mgbench.trainer.data import Grid2D
 from mgbench.trainer.hooks import EvalContext, EvalHook, sampling_kwargs
 
@@ -68,8 +70,14 @@ def evaluate(ctx: EvalContext, state: dict[str, Any], *, timing: bool = True, **
     ev = ctx.cfg.eval
     per_seed = [evaluate_once(ctx, state, ctx.cfg.sample.seed + k * SEED_STRIDE, save=k == 0 and not overrides,
                               **overrides) for k in range(ev.sample_seeds)]
-    if ctx.rank != 0:
-        return {}
+    out = D.on_rank0(lambda: _summary(ctx, per_seed, timing, overrides), ctx.rank, ctx.world_size)
+    return out if ctx.rank == 0 else {}
+
+
+def _summary(ctx: EvalContext, per_seed: list[dict[str, float]], timing: bool, overrides: dict[str, Any]
+             ) -> dict[str, float]:
+    """Rank 0: the per-seed metrics summarised, plus IMG/S when asked."""
+    ev = ctx.cfg.eval
     out = summarise(per_seed)
     if timing and "img_per_s" in ev.metrics:
         data = ctx.dataset
@@ -104,10 +112,16 @@ def evaluate_once(ctx: EvalContext, state: dict[str, Any], seed: int, *, save: b
 
     points = data.kind == "points"
     gen = generate(sample_fn, ev.n_samples, data.num_classes, seed=seed, batch_size=ev.batch_size,
-                   rank=ctx.rank, world_size=ctx.world_size, postprocess=None if points else data.to_uint8)
-    if ctx.rank != 0:
-        return {}
-    if points:
+                   rank=ctx.rank, world_size=ctx.world_size, postprocess=None if points else data.to_uint8,
+                   gather_chunk=ev.gather_chunk)
+    out = D.on_rank0(lambda: _measure(ctx, state, gen, seed, save), ctx.rank, ctx.world_size)
+    return out if ctx.rank == 0 else {}
+
+
+def _measure(ctx: EvalContext, state: dict[str, Any], gen: Any, seed: int, save: bool) -> dict[str, float]:
+    """Rank 0: the metrics of one gathered sample set (its images saved when asked)."""
+    ev, data = ctx.cfg.eval, ctx.dataset
+    if data.kind == "points":
         grid = data.meta.get("grid") or Grid2D(ctx.cfg.data.grid_cells)
         out = grid_metrics(gen.x, gen.y, grid, k=ev.coverage_k, seed=seed + 1)
     else:
@@ -143,8 +157,4 @@ def _image_metrics(ctx: EvalContext, state: dict[str, Any], images: torch.Tensor
 
 def _broadcast(out: dict[str, float], ctx: EvalContext) -> dict[str, float]:
     """Rank 0's metrics on every rank."""
-    if ctx.world_size == 1 or not dist.is_initialized():
-        return out
-    box = [out]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return D.on_rank0(lambda: out, ctx.rank, ctx.world_size)

@@ -124,13 +124,14 @@ class JobLifecycle:
             self.inflight[t.number] = InFlight(t.number, None, jobs[-1])
             self._event("attach", t.number, job_id=jobs[-1]["job_id"])
 
-    def _died(self, number: int, lost: str | None = None) -> None:
-        """Its job ended without a result (or was lost): resubmit from its checkpoint, up to max_retries times."""
+    def _died(self, number: int, lost: str | None = None, stopped: str | None = None) -> None:
+        """Its job ended without a result, was lost, or `stopped` (result.json "resumable": a checkpoint it could
+        not write): resubmit from its checkpoint, up to max_retries times."""
         rec = read_json(trial_dir(self.spec, number) / TRIAL_FILE) or {}
         deaths = rec.get("deaths", 0) + 1
         self._update(number, deaths=deaths)
         self.inflight.pop(number)
-        how = f"lost ({lost})" if lost else "died without a result"
+        how = f"lost ({lost})" if lost else f"stopped ({stopped})" if stopped else "died without a result"
         if deaths > self.spec.max_retries:
             error = f"its job {how}; {deaths} deaths, max_retries {self.spec.max_retries}"
             self.echo(f"trial {number}: {error}; marked failed")
@@ -139,7 +140,8 @@ class JobLifecycle:
             self._event("end", number, status="failed", value=None)
             return
         say = f"job {how}: resubmitting from its checkpoint (retry {deaths} of {self.spec.max_retries})"
-        self._event("resubmit", number, say=say, deaths=deaths, **({"lost": lost} if lost else {}))
+        self._event("resubmit", number, say=say, deaths=deaths, **({"lost": lost} if lost else {}),
+                    **({"stopped": stopped} if stopped else {}))
         self._queue(number)
 
     def _lost(self, f: InFlight, said: str) -> None:

@@ -51,7 +51,7 @@ from mgbench.study.overrides import record_sets
 from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_RUN_ID, UA_STEP, UA_TRACKING_URI,
                                  config_hash, copy_run, find_source, tell_reused)
 from mgbench.study.spec import StudySpec, validate_trial
-from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, read_json, trial_dir, write_json
+from mgbench.study.trial import RESULT_FILE, RESUMABLE, TRIAL_FILE, read_json, trial_dir, write_json
 from mgbench.study.versions import record_spec
 
 EVENTS_FILE = "events.jsonl"  # driver timeline: one JSON line per submit / end / resubmit
@@ -77,11 +77,12 @@ class StudySummary:
 class Driver(JobLifecycle):
     """Runs one study from its spec; rerunning it on the same spec resumes."""
 
-    lost_after_s = LOST_AFTER_S    # a job SLURM says UNKNOWN or forgot this long is lost (tests lower it)
+    lost_after_s = LOST_AFTER_S    # a job SLURM says UNKNOWN or forgot this long is lost (the spec's lost_after_s)
 
     def __init__(self, spec: StudySpec, echo: Callable[[str], None] = print, retry_cancelled: bool = False,
                  warn: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        self.lost_after_s = spec.lost_after_s
         self.echo = echo
         self.warn = warn or (lambda line: print(mask_uri(line), file=sys.stderr))  # refusals: one line on stderr
         self.retry_cancelled = retry_cancelled  # `study run --retry-cancelled`: run cancelled trials again
@@ -258,6 +259,9 @@ class Driver(JobLifecycle):
             return
         if status == "cancelled":  # `study cancel` ended it (idempotent here: it may have died half-way)
             self._cancelled(number, result.get("error") or "cancelled")
+            return
+        if status == RESUMABLE:  # e.g. a full disk: not the trial's fault, so a retry from its checkpoint
+            self._died(number, stopped=result.get("error") or "resumable")
             return
         if status == "finished":
             self._record_metrics(number, result)

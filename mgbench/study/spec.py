@@ -95,6 +95,7 @@ class StudySpec:
     parallelism: int = 1           # trials in flight at once
     max_retries: int = 3           # resubmissions of a trial whose job died without a result
     poll_s: float = 2.0            # driver: seconds between polls of running jobs
+    lost_after_s: float = 600.0    # driver: a job SLURM reports UNKNOWN or no longer knows this long is lost (resubmitted)
     entry: str = "mgbench.trainer.loop:train"  # the train function as module:attr (custom trainers, tests)
     eval_hook: str = "mgbench.evaluation:make_eval_hook"  # evaluation-hook factory (cfg -> hook) as module:attr
     report: list[str] = field(default_factory=list)  # `mgbench report` items rendered when the study ends (toy, fig2, table3, ...)
@@ -135,7 +136,7 @@ class StudySpec:
 
 _TOP_KEYS = {"name", "extends", "base", "space", "sampler", "n_trials", "objective", "pruning", "storage",
              "tracking_uri", "out_dir", "executor", "parallelism", "max_retries", "poll_s", "entry", "eval_hook",
-             "report", "reuse"}
+             "report", "reuse", "lost_after_s"}
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
@@ -165,6 +166,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     spec.parallelism = raw.get("parallelism", 1)
     spec.max_retries = raw.get("max_retries", 3)
     spec.poll_s = float(_num_field(raw, "poll_s", src, 2.0))
+    spec.lost_after_s = float(_num_field(raw, "lost_after_s", src, StudySpec.lost_after_s))
     for key in ("entry", "eval_hook"):
         setattr(spec, key, _str_field(raw, key, src, getattr(spec, key)))
         _check_import(getattr(spec, key), key, src)

@@ -1,7 +1,9 @@
 """One trial on disk and as a job: `trial.json` (identity, written before training), `result.json`, `TrialJob`.
 
 The job is a submitit `Checkpointable`: a preempted or timed-out SLURM job resubmits itself, and the
-rerun trains on in the same folder, where the trainer resumes from its latest checkpoint.
+rerun trains on in the same folder, where the trainer resumes from its latest checkpoint. A job that could
+not write a checkpoint (full disk, file-size limit) ends "resumable": the driver resubmits it like a dead
+job, from its latest checkpoint, counted against max_retries.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metric
 TAG_ERROR = "mgbench.error"   # a failed trial's error (first 5000 characters); the traceback is the artifact below
 A_ERROR = "error.txt"         # artifact of a failed trial: its error and traceback
 PROGRESS_FILE = "progress.json"  # the trainer's latest report: step, total, rate, ETA, loss, last evaluation
+RESUMABLE = "resumable"       # result.json status of a job stopped by its environment (a checkpoint it could not write)
 
 
 def trial_dir(spec: StudySpec, number: int) -> Path:
@@ -101,10 +104,18 @@ class PruningHook:
         return self._trial
 
     def __call__(self, ctx: Any) -> dict[str, float]:
+        from mgbench.trainer.distributed import on_rank0
+
         metrics = self.inner(ctx) if self.inner is not None else {}
+        # Rank 0 decides; the decision (TrialPruned, or a storage error) is raised on every rank at once.
+        on_rank0(lambda: self._report(ctx, metrics), getattr(ctx, "rank", 0), getattr(ctx, "world_size", 1))
+        return metrics
+
+    def _report(self, ctx: Any, metrics: dict[str, float]) -> None:
+        """Rank 0: report the objective metric to Optuna; raise TrialPruned when the pruner says so."""
         value = metrics.get(self.spec.objective.metric)
-        if value is None or getattr(ctx, "rank", 0) != 0:
-            return metrics
+        if value is None:
+            return
         trial = self._optuna_trial()
         trial.report(float(value), int(ctx.step))
         final = int(ctx.step) >= int(ctx.cfg.train.steps)
@@ -112,7 +123,6 @@ class PruningHook:
             import optuna
 
             raise optuna.TrialPruned(f"pruned at step {ctx.step}: {self.spec.objective.metric}={value:.4g}")
-        return metrics
 
 
 def make_inner_hook(spec: StudySpec, cfg: Any) -> Callable[[Any], dict[str, float]]:
@@ -255,6 +265,8 @@ class TrialJob(submitit.helpers.Checkpointable):
     def _train(self, rec: dict[str, Any], tracker: MlflowTracker | None) -> dict[str, Any]:
         import optuna
 
+        from mgbench.trainer.checkpoint import CheckpointWriteError
+
         cfg = train_config_from_dict(rec["config"], f"{rec['out_dir']}/{TRIAL_FILE}")
         hook = PruningHook(make_inner_hook(self.spec, cfg), self.spec, rec["trial_id"])
         train = load_entry(self.spec.entry)
@@ -263,6 +275,8 @@ class TrialJob(submitit.helpers.Checkpointable):
             res = train(cfg, tracker=tracker, eval_hook=hook, **extra)
         except optuna.TrialPruned as e:
             return {"status": "pruned", "value": None, "metrics": {}, "step": None, "error": str(e)}
+        except CheckpointWriteError as e:  # the environment, not the trial: resubmitted from its latest checkpoint
+            return {"status": RESUMABLE, "value": None, "metrics": {}, "step": None, "error": str(e)}
         metrics = {k: float(v) for k, v in (res.metrics or {}).items()}
         value = metrics.get(self.spec.objective.metric)
         status = res.status
@@ -291,10 +305,10 @@ def _set_tags(tracker: MlflowTracker, tags: dict[str, str | None]) -> None:
 
 
 def _close_run(tracker: MlflowTracker, result: dict[str, Any]) -> None:
-    """Flush metrics; a finished, failed or pruned trial ends its MLflow run (paused keeps it running)."""
+    """Flush metrics; a finished, failed or pruned trial ends its MLflow run (paused or resumable keeps it running)."""
     tracker.flush()
     status = result["status"]
-    if status == "paused":
+    if status in ("paused", RESUMABLE):
         return
     tracker.client.set_tag(tracker.run_id, TAG_STATUS, status)
     if status == "failed":

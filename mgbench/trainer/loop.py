@@ -270,15 +270,16 @@ def restore(cfg: TrainConfig, ckpt: Path, m: StepModules, autow: AutoW | None
 def save(cfg: TrainConfig, out: Path, state: dict[str, Any], pending: list[tuple[dict[str, float], int]],
          tracker: T.Tracker, env: D.DistEnv) -> None:
     """Log the pending step metrics, then write the checkpoint (rank 0); all ranks wait for it."""
-    if env.rank == 0:
+    def write() -> None:
         # A resumed run redoes the steps after its checkpoint and logs them once. Metrics go first, so a crash
         # between the two can only repeat a window, which the tracker drops (it keeps the steps it has seen).
         for metrics, at in pending:
             tracker.log_metrics(metrics, step=at)
         tracker.flush()
         save_checkpoint(out, state["step"], state, keep=cfg.train.keep_ckpts)
+
+    D.on_rank0(write, env.rank, env.world_size)  # all ranks wait; a failed write (a full disk) is raised on every rank
     pending.clear()
-    D.barrier(env)
 
 
 def check_same_run(cfg: TrainConfig, saved: dict[str, Any], ckpt: Path) -> None:
