@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from mgbench.config import ConfigError, ObjectiveConfig, TrainConfig, train_config_from_dict
-from mgbench.trainer.guidance import net_time
 from mgbench.trainer.models import build_model
-from mgbench.trainer.objective import Objective, drop_labels, implied_cfg_scale, mg_target
-from mgbench.trainer.paths import DDPMSchedule, FlowPath
+from mgbench.trainer.objective import Objective, implied_cfg_scale, mg_target
 
 torch.set_num_threads(1)
 B, C = 64, 3
+# alpha-bar of DDPM's 1000 linear betas 1e-4 .. 0.02 (the oracles below are written out, not taken from mgbench)
+ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)
 
 
 def _models(w_input=False, empty_class=True, seed=0):
@@ -34,9 +34,22 @@ def _batch(obj, w=1.5, seed=0):
 
 
 def _noisy(obj, x0, nz):
-    if obj.schedule is not None:
-        return obj.schedule.add_noise(x0, nz.eps, nz.t), nz.eps
-    return FlowPath.add_noise(x0, nz.eps, nz.t), FlowPath.target(x0, nz.eps)
+    """(x_t, plain target): DDPM sqrt(abar) x0 + sqrt(1 - abar) eps and eps; flow (1 - t) x0 + t eps and eps - x0."""
+    if obj.cfg.formulation == "diffusion":
+        a = ABAR[nz.t].reshape(-1, *([1] * (x0.dim() - 1)))
+        return (a.sqrt() * x0 + (1 - a).sqrt() * nz.eps).float(), nz.eps
+    t = nz.t.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * nz.eps, nz.eps - x0
+
+
+def _t_net(formulation, t):
+    """The network's time input: the DDPM step as a float, or 1000 t on the flow path."""
+    return t.float() if formulation == "diffusion" else 1000 * t
+
+
+def _empty_where(y, drop):
+    """The labels with the dropped ones replaced by the empty class (index C)."""
+    return torch.where(drop, C, y)
 
 
 @pytest.mark.parametrize("formulation", ["flow", "diffusion"])
@@ -46,12 +59,12 @@ def test_mg_target_equals_eps_plus_g_times_cond_minus_uncond(formulation):
     model, teacher = _models()
     x0, y, nz = _batch(obj)
     x_t, target = _noisy(obj, x0, nz)
-    t_net = net_time(formulation, nz.t)
+    t_net = _t_net(formulation, nz.t)
     with torch.no_grad():
         cond = teacher(x_t, t_net, y)
         uncond = teacher(x_t, t_net, torch.full_like(y, C))
     expected = torch.where((nz.mg & ~nz.drop)[:, None], target + 0.5 * (cond - uncond), target)
-    y_in = drop_labels(y, nz.drop, C)
+    y_in = _empty_where(y, nz.drop)
     expected_loss = F.mse_loss(model(x_t, t_net, y_in), expected)
     loss, stats = obj.loss(model, teacher, x0, y, nz, mg_on=True)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
@@ -65,8 +78,8 @@ def test_w_one_is_the_vanilla_loss_and_g_zero_leaves_the_target():
     model, teacher = _models()
     x0, y, nz = _batch(obj, w=1.0)
     x_t, target = _noisy(obj, x0, nz)
-    t_net = net_time("flow", nz.t)
-    vanilla = F.mse_loss(model(x_t, t_net, drop_labels(y, nz.drop, C)), target)
+    t_net = _t_net("flow", nz.t)
+    vanilla = F.mse_loss(model(x_t, t_net, _empty_where(y, nz.drop)), target)
     loss, stats = obj.loss(model, teacher, x0, y, nz, mg_on=True)
     assert torch.equal(loss, vanilla) and stats["mg_share"] == 0.0
 
@@ -84,12 +97,12 @@ def test_no_gradient_reaches_the_teacher_even_when_it_is_the_online_model():
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     x_t, target = _noisy(obj, x0, nz)
-    t_net = net_time("flow", nz.t)
+    t_net = _t_net("flow", nz.t)
     with torch.no_grad():
         cond, uncond = model(x_t, t_net, y), model(x_t, t_net, torch.full_like(y, C))
     fixed = torch.where((nz.mg & ~nz.drop)[:, None], target + (cond - uncond), target)
     model.zero_grad()
-    F.mse_loss(model(x_t, t_net, drop_labels(y, nz.drop, C)), fixed).backward()
+    F.mse_loss(model(x_t, t_net, _empty_where(y, nz.drop)), fixed).backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
@@ -100,7 +113,7 @@ def test_w_input_target_uses_the_w1_conditional_and_w0_unconditional_branches():
     model, teacher = _models(w_input=True)
     x0, y, nz = _batch(obj)
     x_t, target = _noisy(obj, x0, nz)
-    t_net = net_time("flow", nz.t)
+    t_net = _t_net("flow", nz.t)
     ones, zeros = torch.ones(B), torch.zeros(B)
     with torch.no_grad():
         cond = teacher(x_t, t_net, y, ones)
@@ -110,7 +123,7 @@ def test_w_input_target_uses_the_w1_conditional_and_w0_unconditional_branches():
     guided = nz.mg & ~nz.drop
     expected = torch.where(guided[:, None], target + (nz.w - 1)[:, None] * (cond - uncond), target)
     w_fed = torch.where(nz.drop, zeros, nz.w)  # dropped samples train the w = 0 unconditional branch
-    expected_loss = F.mse_loss(model(x_t, t_net, drop_labels(y, nz.drop, C), w_fed), expected)
+    expected_loss = F.mse_loss(model(x_t, t_net, _empty_where(y, nz.drop), w_fed), expected)
     loss, _ = obj.loss(model, teacher, x0, y, nz, mg_on=True)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     assert nz.w.min() >= 1.0 and nz.w.max() <= 3.0 and nz.w.std() > 0.3
@@ -125,7 +138,7 @@ def test_empty_class_removed_uses_the_mean_over_label_predictions(n_labels):
     x0, y, nz = _batch(obj)
     assert not nz.drop.any()
     x_t, target = _noisy(obj, x0, nz)
-    t_net = net_time("flow", nz.t)
+    t_net = _t_net("flow", nz.t)
     with torch.no_grad():
         per_label = torch.stack([teacher(x_t, t_net, torch.full_like(y, c)) for c in range(C)])  # (C, B, 2)
         cond = teacher(x_t, t_net, y)
@@ -161,7 +174,7 @@ def test_t_high_and_start_step_leave_the_plain_target():
     assert stats["mg_share"] == 0.0
     # DDPM: t_high applies to the step's flow time, t / T (linear) or that of equal SNR (snr: flow t = 0.25 has
     # SNR (0.75 / 0.25)^2 = 9 = abar / (1 - abar), so MG stops at the first step with abar <= 0.9).
-    for t_map, first_off in (("linear", 250), ("snr", _first_step_with_abar_at_most(1000, 0.9))):
+    for t_map, first_off in (("linear", 250), ("snr", int((ABAR > 0.9).sum()))):
         dobj = Objective(ObjectiveConfig(formulation="diffusion", w=1.5, t_high=0.25, t_map=t_map), C)
         x0, y, nz = _batch(dobj)
         _, stats = dobj.loss(model, teacher, x0, y, nz, mg_on=True)
@@ -182,20 +195,6 @@ def test_implied_cfg_scale_and_the_fixed_point_guard():
     assert train_config_from_dict({"objective": {"w": 3.0, "force": True}}, "c").objective.force
 
 
-def test_ddpm_schedule_is_the_linear_one():
-    s = DDPMSchedule(1000)
-    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
-    assert s.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=0.01)
-    # Posterior mean of q(x_{t-1}|x_t, x0) with x_t built from x0 and eps is the DDPM closed form.
-    t = torch.tensor([10, 500, 999])
-    x0, eps = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
-    xt = s.add_noise(x0, eps, t)
-    mean = s.at(s.posterior_coef_x0, t, x0) * x0 + s.at(s.posterior_coef_xt, t, x0) * xt
-    a, ab = s.at(s.alphas, t, x0), s.at(s.alphas_cumprod, t, x0)
-    ddpm = (xt - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt()
-    torch.testing.assert_close(mean, ddpm)
-
-
 def test_config_errors_name_file_and_field(tmp_path):
     from mgbench.config import load_train_config
 
@@ -213,65 +212,6 @@ def test_config_errors_name_file_and_field(tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             load_train_config(p)
     assert isinstance(load_train_config(tmp_path / "c.yaml", {"model.arch": "MLP-B"}), TrainConfig)
-
-
-def test_learned_variance_bound_is_zero_at_the_true_posterior_and_positive_elsewhere():
-    obj = Objective(ObjectiveConfig(formulation="diffusion"), C, learn_sigma=True)
-    s = obj.schedule
-    gen = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(8, 4, 2, 2, generator=gen), torch.randn(8, 4, 2, 2, generator=gen)
-    t = torch.tensor([1, 5, 50, 200, 400, 600, 800, 999])
-    x_t = s.add_noise(x0, eps, t)
-    exact = obj._vlb(x_t, t, eps, eps, -torch.ones_like(x0))  # true eps, variance = the posterior's
-    assert exact.abs().max().item() < 1e-4
-    off = obj._vlb(x_t, t, eps, eps + 0.1, torch.ones_like(x0))
-    assert (off > 1e-5).all() and off[0] > 0.1  # KL > 0 away from the posterior
-
-
-# ----------------------------------------------------------------------------- DDPM step <-> flow time
-
-
-def _abar_closed_form(T):
-    """alpha-bar of the linear-beta schedule, by plain float products (ADM's betas scaled by 1000 / T)."""
-    lo, hi = 1e-4 * 1000 / T, 0.02 * 1000 / T
-    out, prod = [], 1.0
-    for i in range(T):
-        prod *= 1.0 - (lo + (hi - lo) * i / (T - 1))
-        out.append(prod)
-    return out
-
-
-def _first_step_with_abar_at_most(T, a):
-    return next(s for s, ab in enumerate(_abar_closed_form(T)) if ab <= a)
-
-
-@pytest.mark.parametrize("T", [1000, 250])
-def test_snr_flow_time_has_the_ddpm_snr_and_round_trips_to_the_step(T):
-    s = DDPMSchedule(T, "snr")
-    steps = torch.arange(T)
-    ft = s.flow_time(steps)
-    abar = torch.tensor(_abar_closed_form(T), dtype=torch.float64)
-    torch.testing.assert_close(((1 - ft) / ft) ** 2, abar / (1 - abar), rtol=1e-9, atol=0)  # equal SNR
-    assert (ft.diff() > 0).all() and 0 < ft[0] and ft[-1] < 1
-    for t_map in ("snr", "linear"):
-        sch = DDPMSchedule(T, t_map)
-        assert torch.equal(sch.step_at(sch.flow_time(steps)), steps)  # step -> flow time -> step
-        u = torch.rand(500, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
-        k = sch.step_at(u)  # the first step at or past u: flow_time(step) < u exactly for step < k
-        assert torch.equal(sch.flow_time(steps)[None, :] < u[:, None], steps[None, :] < k[:, None])
-    assert torch.equal(DDPMSchedule(T, "linear").flow_time(steps), steps.double() / T)
-
-
-def test_snr_matched_numbers_of_the_1000_step_schedule():
-    s = DDPMSchedule(1000)
-    # Flow t = 0.75 has SNR (0.25 / 0.75)^2 = 1/9, i.e. abar = 0.1: the first DDPM step at or below it.
-    step = _first_step_with_abar_at_most(1000, 0.1)
-    assert abs(step - 475) <= 2 and int(s.step_at(0.75)) == step
-    a = _abar_closed_form(1000)[750]
-    closed = 1 / (1 + math.sqrt(a / (1 - a)))  # (1 - t) / t = sqrt(SNR)
-    assert float(s.flow_time(torch.tensor(750))) == pytest.approx(closed, rel=1e-9)
-    assert closed == pytest.approx(0.946, abs=5e-4)
-    assert float(DDPMSchedule(1000, "linear").flow_time(torch.tensor(750))) == 0.75
 
 
 def test_t_map_and_uncond_estimate_are_validated():
@@ -314,7 +254,7 @@ def test_w_input_samples_off_the_mg_share_are_fed_w1_and_trained_on_the_plain_ta
     y_fed, w_fed = calls[0]
     assert torch.equal(w_fed, torch.where(kinds == 0, 0.0, torch.where(kinds == 1, 1.0, nz.w)))
     assert torch.equal(y_fed, torch.where(kinds == 0, C, y))
-    plain = FlowPath.target(x0, nz.eps)
+    plain = nz.eps - x0
     offset = ((nz.w - 1) * (2 * (y + 1) - (C + 1)))[:, None]
     expected = torch.where((kinds == 2)[:, None], plain + offset, plain)
     torch.testing.assert_close(-b * out.grad, expected, rtol=1e-6, atol=1e-6)
@@ -324,45 +264,10 @@ def test_w_input_samples_off_the_mg_share_are_fed_w1_and_trained_on_the_plain_ta
 # ----------------------------------------------------------------------------- learned variance
 
 
-def _old_vlb_kl(s, x0, x_t, t, eps_pred, var_out):
-    """The KL term with the true posterior mean (from x0), written out for comparison (t > 0)."""
-    ab, a, ab_prev, beta = (v[t].double()[:, None] for v in (s.alphas_cumprod, s.alphas, s.alphas_cumprod_prev, s.betas))
-    post_var = beta * (1 - ab_prev) / (1 - ab)
-    frac = (var_out.double() + 1) / 2
-    model_log = frac * beta.log() + (1 - frac) * post_var.log()
-    mean_true = (beta * ab_prev.sqrt() * x0.double() + (1 - ab_prev) * a.sqrt() * x_t.double()) / (1 - ab)
-    mean_pred = (x_t.double() - beta / (1 - ab).sqrt() * eps_pred.double()) / a.sqrt()
-    kl = 0.5 * (-1 + model_log - post_var.log() + (post_var.log() - model_log).exp()
-                + (mean_true - mean_pred) ** 2 * (-model_log).exp())
-    return kl.mean(1) / math.log(2.0)
-
-
-def test_learned_variance_is_trained_to_the_posterior_variance_under_the_guided_target():
-    obj = Objective(ObjectiveConfig(formulation="diffusion"), C, learn_sigma=True)
-    s = obj.schedule
-    gen = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
-    t = torch.tensor([1, 20, 200, 475, 700, 999])
-    x_t = s.add_noise(x0, eps, t)
-    guided = eps + 0.3 * torch.randn(6, 8, generator=gen)  # eps + g (cond - uncond)
-    var_new = (-torch.ones(6, 8)).requires_grad_()  # -1: the posterior log variance
-    new = obj._vlb(x_t, t, guided, guided, var_new)
-    new.sum().backward()
-    assert new.abs().max().item() < 1e-6 and var_new.grad.abs().max().item() == 0.0
-    var_old = (-torch.ones(6, 8)).requires_grad_()
-    _old_vlb_kl(s, x0, x_t, t, guided, var_old).sum().backward()
-    assert (var_old.grad < 0).all() and var_old.grad[0].sum() < -1e-2  # old: variance pulled up to absorb the offset
-    # Unguided (target = the true eps): the value is the old one, for any prediction and variance.
-    pred, var = eps + 0.2 * torch.randn(6, 8, generator=gen), torch.rand(6, 8, generator=gen) * 2 - 1
-    torch.testing.assert_close(obj._vlb(x_t, t, eps, pred, var).double(), _old_vlb_kl(s, x0, x_t, t, pred, var),
-                               rtol=1e-5, atol=1e-9)
-
-
 def test_loss_of_a_learned_variance_model_predicting_the_guided_target_is_zero():
     obj = Objective(ObjectiveConfig(formulation="diffusion", w=1.5, t_high=1.0, label_drop=0.25), C, learn_sigma=True)
     x0, y, nz = _batch(obj)
     nz.t = nz.t.clamp(min=1)  # t = 0 has the decoder NLL instead of a KL
-    x_t = obj.schedule.add_noise(x0, nz.eps, nz.t)
 
     def teacher(x, t, labels, w=None):  # eps part: the label; variance part: anything
         return torch.cat([labels.float()[:, None].expand_as(x), torch.ones_like(x)], dim=1)
@@ -374,7 +279,6 @@ def test_loss_of_a_learned_variance_model_predicting_the_guided_target_is_zero()
         return torch.cat([expected, -torch.ones_like(x)], dim=1)
     loss, _ = obj.loss(model, teacher, x0, y, nz, mg_on=True)
     assert loss.item() < 1e-9
-    assert torch.equal(x_t, obj.schedule.add_noise(x0, nz.eps, nz.t))
 
 
 # ----------------------------------------------------------------------------- unconditional estimate
@@ -411,7 +315,7 @@ def test_the_teacher_uses_one_other_label_with_uncond_estimate_other_label():
         return labels.float()[:, None].expand_as(x)
     model, out, _ = _output_leaf(B)
     obj.loss(model, teacher, x0, y, nz, mg_on=True)[0].backward()
-    offset = (-B * out.grad - FlowPath.target(x0, nz.eps))[:, 0] / 0.5  # = y - other on the MG share
+    offset = (-B * out.grad - (nz.eps - x0))[:, 0] / 0.5  # = y - other on the MG share
     other = y - offset.round().long()
     assert torch.allclose(offset, offset.round(), atol=1e-4) and nz.mg.all()
     assert not (other == y).any() and ((other >= 0) & (other < C)).all()

@@ -8,7 +8,7 @@ Conventions:
   for ONE random label other than the sample's own (the authors' code; used by the MG teacher only).
 - w-input models get w = 0 for the unconditional branch and `w_cond` for the conditional one.
 - With `learn_sigma` the outputs carry 2C channels; guidance acts on the eps part only
-  (`split_sigma(out, True)[0]`), the variance part is taken from the conditional branch.
+  (`formulation.split_output(out, True)[0]`), the variance part is taken from the conditional branch.
 """
 from __future__ import annotations
 
@@ -17,24 +17,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mgbench.trainer.formulation import split_output
+
 Model = Callable[..., Tensor]  # model(x, t_net, y, w=None) -> prediction shaped like x (2C channels with learn_sigma)
-
-
-def net_time(formulation: str, t: Tensor, T: int = 1000) -> Tensor:
-    """The network's time input: the DDPM step index (diffusion, t integer in [0, T)) or 1000 * t (flow)."""
-    if formulation == "diffusion":
-        return t.float()
-    if formulation == "flow":
-        return 1000.0 * t.float()
-    raise ValueError(f"unknown formulation {formulation!r} (flow | diffusion)")
-
-
-def split_sigma(out: Tensor, learn_sigma: bool) -> tuple[Tensor, Tensor | None]:
-    """(mean part, variance part or None): channel halves of a learn_sigma output (dim 1)."""
-    if not learn_sigma:
-        return out, None
-    mean, var = out.chunk(2, dim=1)
-    return mean, var
 
 
 def num_uncond_labels(num_classes: int, uncond_labels: int = 0) -> int:
@@ -121,7 +106,7 @@ def _label_forward(model: Model, x: Tensor, t_net: Tensor, labels: Tensor, w_con
 
 def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, learn_sigma: bool = False) -> Tensor:
     """guided = cond + s * (cond - uncond) on the eps/velocity part; the variance part is the conditional one."""
-    c_mean, c_var = split_sigma(cond, learn_sigma)
-    u_mean, _ = split_sigma(uncond, learn_sigma)
+    c_mean, c_var = split_output(cond, learn_sigma)
+    u_mean, _ = split_output(uncond, learn_sigma)
     guided = c_mean + scale * (c_mean - u_mean)
     return guided if c_var is None else torch.cat([guided, c_var], dim=1)

@@ -14,6 +14,7 @@ import torch
 
 from mgbench.config import TrainConfig
 from mgbench.trainer.data import Dataset
+from mgbench.trainer.formulation import FORMULATIONS
 
 
 @dataclass
@@ -52,7 +53,7 @@ def sampling_kwargs(cfg: TrainConfig, w: float, dataset: Dataset) -> dict[str, A
         guidance = "mg" if o.mg else "none"
     sampler = s.sampler
     if sampler == "auto":
-        sampler = "ddpm" if o.formulation == "diffusion" else "euler"
+        sampler = FORMULATIONS[o.formulation].default_sampler
     w_in = None
     if cfg.model.w_input:
         w_in = s.w if s.w is not None else (w if guidance in ("mg", "mg+cfg") else 1.0)

@@ -15,7 +15,8 @@ w = 1 on the labelled samples off it (plain target), w = 0 on dropped ones. Its 
 from those plain w = 1 / w = 0 branches, so fed w it learns CFG with s = w - 1 whatever f is.
 
 With a learned variance (DiT) the variational bound's "true" posterior mean is the one implied by
-the (guided) target, so the variance is not trained to absorb the guidance offset.
+the (guided) target, so the variance is not trained to absorb the guidance offset
+(`formulation.DDPM.variational_bound`). What differs between DDPM and flow lives in formulation.py.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from mgbench.config import ObjectiveConfig
-from mgbench.trainer.guidance import cond_and_uncond, net_time, to_device
-from mgbench.trainer.paths import DDPMSchedule, FlowPath, _bcast
+from mgbench.trainer.formulation import formulation_for, per_sample, split_output
+from mgbench.trainer.guidance import cond_and_uncond, to_device
 
 
 def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.
 
 def mg_target(target: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """target + g * sg(cond - uncond), with g per sample (0 leaves the target unchanged)."""
-    return target + _bcast(g, target).to(target.dtype) * (cond - uncond).detach()
+    return target + per_sample(g, target).to(target.dtype) * (cond - uncond).detach()
 
 
 def implied_cfg_scale(g: float, fraction: float = 1.0, w_input: bool = False) -> float:
@@ -79,17 +80,14 @@ class Objective:
         self.num_classes = num_classes
         self.w_input = w_input
         self.learn_sigma = learn_sigma
-        self.schedule = DDPMSchedule(cfg.diffusion_steps, cfg.t_map) if cfg.formulation == "diffusion" else None
+        self.formulation = formulation_for(cfg)  # DDPM or Flow: time, noising, target, network time
 
     # -- randomness
 
     def draw(self, batch: int, shape: tuple[int, ...], gen: torch.Generator, w_now: float) -> BatchNoise:
         """Draw t, eps, label drop, MG mask and per-sample w for a global batch."""
         c = self.cfg
-        if self.schedule is not None:
-            t = self.schedule.sample_t(batch, gen)
-        else:
-            t = FlowPath.sample_t(batch, gen)
+        t = self.formulation.sample_time(batch, gen)
         eps = torch.randn((batch, *shape), generator=gen)
         drop = torch.rand(batch, generator=gen) < (c.label_drop if c.empty_class else 0.0)  # nothing to drop to
         mg = torch.rand(batch, generator=gen) < c.mg_fraction
@@ -100,10 +98,6 @@ class Objective:
             w = torch.full((batch,), float(w_now))
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         return BatchNoise(t, eps, drop, mg, w, seed)
-
-    def flow_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Flow time of the batch's t (DDPM steps mapped by `t_map`), where `t_high` applies."""
-        return self.schedule.flow_time(t) if self.schedule is not None else t
 
     @staticmethod
     def fed_w(nz: BatchNoise) -> torch.Tensor:
@@ -117,7 +111,8 @@ class Objective:
         """(B,) bool where the noise lives (the host, in the trainer): the samples whose target gets the MG term."""
         if not mg_on:
             return torch.zeros_like(nz.mg)
-        return nz.mg & ~nz.drop & (self.flow_time(nz.t) < self.cfg.t_high) & (nz.w != 1)
+        in_interval = self.formulation.flow_time(nz.t) < self.cfg.t_high  # DDPM steps mapped by t_map
+        return nz.mg & ~nz.drop & in_interval & (nz.w != 1)
 
     def loss(self, model, teacher, x0: torch.Tensor, y: torch.Tensor, nz: BatchNoise, mg_on: bool
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -125,14 +120,11 @@ class Objective:
 
         No host sync when `nz` is on the host (as the trainer draws it): the guided subset is chosen there.
         """
-        c, dev = self.cfg, x0.device
+        c, dev, form = self.cfg, x0.device, self.formulation
         t, eps = to_device(nz.t, dev), to_device(nz.eps, dev).to(x0.dtype)
-        if self.schedule is not None:
-            x_t, target = self.schedule.add_noise(x0, eps, t), eps
-        else:
-            x_t, target = FlowPath.add_noise(x0, eps, t), FlowPath.target(x0, eps)
+        x_t, target = form.noise(x0, eps, t), form.target(x0, eps)
         y_in = drop_labels(y, to_device(nz.drop, dev), self.num_classes) if c.empty_class else y
-        t_net = net_time(c.formulation, t, c.diffusion_steps)
+        t_net = form.net_time(t)
         w_in = to_device(self.fed_w(nz), dev).to(x0.dtype) if self.w_input else None
 
         guided = self.guided(nz, mg_on)
@@ -142,12 +134,10 @@ class Objective:
             target[idx] = self._guided_target(teacher, x_t[idx], t_net[idx], y[idx], target[idx],
                                               to_device(nz.w[guided], dev), nz.uncond_gen_seed)
 
-        out = model(x_t, t_net, y_in, w_in)
-        if self.learn_sigma:
-            out, var_out = out.chunk(2, dim=1)
+        out, var_out = split_output(model(x_t, t_net, y_in, w_in), self.learn_sigma)
         loss = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if self.learn_sigma:
-            loss = loss + self._vlb(x_t, t, target, out.detach(), var_out)
+        if var_out is not None:  # learned variance: only DDPM has one (the config rejects it for flow)
+            loss = loss + form.variational_bound(x_t, t, target, out.detach(), var_out)
         return loss.mean(), {"mg_share": guided.float().mean().item()}
 
     @torch.no_grad()
@@ -160,30 +150,5 @@ class Objective:
                                        empty_class=c.empty_class, uncond_labels=c.uncond_labels,
                                        w_cond=w_cond, generator=gen, uncond_estimate=c.uncond_estimate,
                                        chunk=c.uncond_chunk)
-        if self.learn_sigma:
-            cond, uncond = cond[:, : target.shape[1]], uncond[:, : target.shape[1]]
+        cond, uncond = split_output(cond, self.learn_sigma)[0], split_output(uncond, self.learn_sigma)[0]
         return mg_target(target, cond.to(target.dtype), uncond.to(target.dtype), w - 1)
-
-    def _vlb(self, x_t, t, eps_target, eps_pred, var_out) -> torch.Tensor:
-        """The variational-bound term of learned-variance DDPM (mean frozen, as in improved DDPM), in bits/dim.
-
-        The "true" posterior mean is taken at the x0 implied by the (guided) eps target, so only the
-        part of the mean error the MG target does not ask for reaches the variance.
-        """
-        s = self.schedule
-        xtd = x_t.double()
-        ab = s.at(s.alphas_cumprod, t, x_t)
-        min_log = s.at(s.posterior_log_var, t, x_t)
-        max_log = s.at(torch.log(s.betas), t, x_t)
-        frac = (var_out.double() + 1) / 2
-        model_log = frac * max_log + (1 - frac) * min_log
-        x0_target = (xtd - (1 - ab).sqrt() * eps_target.double()) / ab.sqrt()
-        x0_pred = (xtd - (1 - ab).sqrt() * eps_pred.double()) / ab.sqrt()
-        c0, ct = s.at(s.posterior_coef_x0, t, x_t), s.at(s.posterior_coef_xt, t, x_t)
-        mean_true, mean_pred = c0 * x0_target + ct * xtd, c0 * x0_pred + ct * xtd
-        kl = 0.5 * (-1 + model_log - min_log + torch.exp(min_log - model_log)
-                    + (mean_true - mean_pred) ** 2 * torch.exp(-model_log))
-        # At t = 0 the bound is the decoder NLL; a Gaussian NLL of x0 stands in for the discretised one.
-        nll = 0.5 * (math.log(2 * math.pi) + model_log + (x0_target - mean_pred) ** 2 * torch.exp(-model_log))
-        bits = torch.where(_bcast(t == 0, x_t), nll, kl).flatten(1).mean(1) / math.log(2.0)
-        return bits.float()

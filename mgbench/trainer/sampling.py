@@ -1,6 +1,6 @@
 """Samplers: DDPM ancestral and DDIM (full or respaced), flow Euler / Heun ODE and Euler-Maruyama SDE.
 
-Conventions (see paths.py for the two formulations):
+Conventions (see formulation.py for the two formulations, their tables and default samplers):
 - `shape` is the shape of ONE sample ((2,) points, (C, H, W) images); the batch is `len(labels)`.
 - Every random draw of sample i (initial noise, step noise, label subsets) comes from its own
   `torch.Generator().manual_seed(seeds[i])` on the CPU, so a sample does not depend on the batch
@@ -10,7 +10,8 @@ Conventions (see paths.py for the two formulations):
   to w-input models); `mg+cfg` = CFG on top of an MG model (w for the cond branch, 0 for uncond).
   w-input models get w = 1 under `none` and `cfg`; models without a w input ignore `w`
   (a plain callable without a `w_input` attribute is fed `w` whenever it is given).
-- NFE counts network evaluations per sample (a batched cond/uncond forward counts 2).
+- NFE counts network evaluations per sample (a batched cond/uncond forward counts 2); `steps` in the
+  result counts the sampler steps taken (a respaced DDPM chain may merge repeated steps).
 """
 from __future__ import annotations
 
@@ -21,14 +22,13 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mgbench.trainer.guidance import (cfg_combine, cond_and_uncond, net_time, num_uncond_labels,
-                                      split_sigma)
-from mgbench.trainer.paths import DDPMSchedule
+from mgbench.trainer.formulation import (DDPM, FORMULATIONS, Flow, formulation_named, respaced_timesteps,
+                                         split_output)
+from mgbench.trainer.guidance import cfg_combine, cond_and_uncond, num_uncond_labels
 
-__all__ = ["SampleResult", "sample", "net_time", "respaced_timesteps", "SAMPLERS", "DIFFUSION_SAMPLERS", "GUIDANCE"]
+__all__ = ["SampleResult", "sample", "respaced_timesteps", "SAMPLER_NAMES", "GUIDANCE"]
 
-SAMPLERS = ("auto", "ddpm", "ddim", "euler", "heun", "euler_maruyama")
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
+SAMPLER_NAMES = ("auto", *(name for f in FORMULATIONS.values() for name in f.samplers))  # auto = the formulation's default
 GUIDANCE = ("none", "cfg", "mg", "mg+cfg")
 
 Predictor = Callable[[Tensor, Tensor], Tensor]  # (x, t_net) -> guided prediction (2C channels with learn_sigma)
@@ -40,7 +40,7 @@ class SampleResult:
 
     x: Tensor                              # samples in model space (B, ...)
     nfe: int                               # network forwards per sample over the whole trajectory (CFG counts 2 per step)
-    steps: int                             # sampler steps
+    steps: int                             # sampler steps taken
     trajectory: list[Tensor] | None = None  # x after each step (CPU), starting with the noise, if asked for
 
 
@@ -50,7 +50,8 @@ def sample(model, *, formulation: str, shape: tuple[int, ...], labels: Tensor, s
            learn_sigma: bool = False, diffusion_steps: int = 1000, spacing: str = "linear", device=None,
            return_trajectory: bool = False) -> SampleResult:
     """Draw one sample per label with per-sample seeds; `model(x, t_net, y, w=None)` may be any callable."""
-    sampler = _resolve_sampler(sampler, formulation)
+    form = formulation_named(formulation, diffusion_steps)
+    sampler = resolve_sampler(sampler, form)
     if len(seeds) != len(labels):
         raise ValueError(f"need one seed per label: {len(seeds)} seeds for {len(labels)} labels")
     if steps < 1:
@@ -64,30 +65,36 @@ def sample(model, *, formulation: str, shape: tuple[int, ...], labels: Tensor, s
                          learn_sigma=learn_sigma, device=device)
     x = _noise(gens, shape, device)
     traj = [x.cpu()] if return_trajectory else None
+    run = Run(predict, gens, learn_sigma, traj)
     with torch.no_grad():
-        if sampler == "ddpm":
-            x = _ddpm(predict, x, gens, steps, diffusion_steps, learn_sigma, traj, spacing)
-        elif sampler == "ddim":
-            x = _ddim(predict, x, steps, diffusion_steps, learn_sigma, traj, spacing)
-        else:
-            step = {"euler": _euler_step, "heun": _heun_step, "euler_maruyama": _em_step}[sampler]
-            x = _flow(step, predict, x, gens, steps, learn_sigma, traj)
-    n_steps = min(steps, diffusion_steps) if sampler in DIFFUSION_SAMPLERS else steps
-    return SampleResult(x=x, nfe=nfe[0], steps=n_steps, trajectory=traj)
+        x, taken = SAMPLER_LOOPS[sampler](form, run, x, steps, spacing)
+    return SampleResult(x=x, nfe=nfe[0], steps=taken, trajectory=traj)
 
 
-def _resolve_sampler(sampler: str, formulation: str) -> str:
-    """auto -> ddpm (diffusion) / euler (flow); reject samplers of the other formulation."""
-    if formulation not in ("flow", "diffusion"):
-        raise ValueError(f"unknown formulation {formulation!r} (flow | diffusion)")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+def resolve_sampler(sampler: str, form: DDPM | Flow) -> str:
+    """auto -> the formulation's default sampler; reject unknown samplers and those of the other formulation."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLER_NAMES)})")
     if sampler == "auto":
-        return "ddpm" if formulation == "diffusion" else "euler"
-    if (sampler in DIFFUSION_SAMPLERS) != (formulation == "diffusion"):
-        raise ValueError(f"sampler {sampler!r} does not fit formulation {formulation!r} "
-                         "(ddpm, ddim for diffusion; euler, heun, euler_maruyama for flow)")
+        return form.default_sampler
+    if sampler not in form.samplers:
+        fits = "; ".join(f"{', '.join(f.samplers)} for {f.name}" for f in FORMULATIONS.values())
+        raise ValueError(f"sampler {sampler!r} does not fit formulation {form.name!r} ({fits})")
     return sampler
+
+
+@dataclass
+class Run:
+    """What every sampler loop shares: the guided prediction, the per-sample generators, the trajectory."""
+
+    predict: Predictor                     # (x, t_net) -> guided prediction
+    gens: Sequence[torch.Generator]        # one per sample (step noise)
+    learn_sigma: bool                      # predictions carry a variance half
+    traj: list[Tensor] | None              # x after each step is appended when given
+
+    def record(self, x: Tensor) -> None:
+        if self.traj is not None:
+            self.traj.append(x.cpu())
 
 
 def _model_device(model, labels: Tensor) -> torch.device:
@@ -142,97 +149,65 @@ def _predictor(model, labels: Tensor, gens: Sequence[torch.Generator], nfe: list
 # ----------------------------------------------------------------------------- DDPM
 
 
-SPACINGS = ("linear", "quadratic")
-
-
-def respaced_timesteps(T: int, steps: int, spacing: str = "linear") -> list[int]:
-    """`steps` steps of 0..T-1, both ends included: evenly spaced (improved DDPM's space_timesteps), or
-    quadratic (step ~ (i / (steps-1))^2 T, DDIM's finer low-noise steps; repeats merged, so a few fewer)."""
-    if steps >= T:
-        return list(range(T))
-    if steps < 2:
-        raise ValueError(f"DDPM respacing needs at least 2 steps, got {steps}")
-    if spacing == "quadratic":
-        return sorted({round((i / (steps - 1)) ** 2 * (T - 1)) for i in range(steps)})
-    if spacing != "linear":
-        raise ValueError(f"unknown spacing {spacing!r} (choose from {', '.join(SPACINGS)})")
-    stride = (T - 1) / (steps - 1)
-    return [round(i * stride) for i in range(steps)]
-
-
-def _ddpm_tables(T: int, steps: int, spacing: str = "linear") -> dict[str, list[float]]:
-    """Respaced betas and posterior coefficients (recomputed from alphas_cumprod, float64)."""
-    use = respaced_timesteps(T, steps, spacing)
-    abar = DDPMSchedule(T).alphas_cumprod[use]
-    abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-    betas = 1 - abar / abar_prev
-    post_var = betas * (1 - abar_prev) / (1 - abar)
-    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # clipped: step 0 has variance 0
-    return {"t": [float(t) for t in use], "abar": abar.tolist(), "log_beta": betas.log().tolist(),
-            "post_logvar": post_logvar.tolist(),
-            "coef_x0": (betas * abar_prev.sqrt() / (1 - abar)).tolist(),
-            "coef_xt": ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).tolist()}
-
-
-def _ddpm(predict: Predictor, x: Tensor, gens, steps: int, T: int, learn_sigma: bool,
-          traj: list[Tensor] | None, spacing: str = "linear") -> Tensor:
+def _ddpm(form: DDPM, run: Run, x: Tensor, steps: int, spacing: str) -> tuple[Tensor, int]:
     """Ancestral DDPM: x_{t-1} ~ N(posterior mean from the eps prediction, fixed-small or learned variance)."""
-    tab = _ddpm_tables(T, steps, spacing)
-    for i in reversed(range(len(tab["t"]))):
-        out = predict(x, torch.full((x.shape[0],), tab["t"][i], device=x.device))
-        eps, var = split_sigma(out, learn_sigma)
-        abar = tab["abar"][i]
+    chain = form.chain(steps, spacing)
+    abars, log_beta, post_logvar = chain.abar.tolist(), chain.betas.log().tolist(), chain.log_var.tolist()
+    coef_x0, coef_xt = chain.coef_x0.tolist(), chain.coef_xt.tolist()
+    for i in reversed(range(len(chain.steps))):
+        out = run.predict(x, torch.full((x.shape[0],), float(chain.steps[i]), device=x.device))
+        eps, var = split_output(out, run.learn_sigma)
+        abar = abars[i]
         x0 = x / math.sqrt(abar) - math.sqrt(1 / abar - 1) * eps
-        mean = tab["coef_x0"][i] * x0 + tab["coef_xt"][i] * x
+        mean = coef_x0[i] * x0 + coef_xt[i] * x
         if i == 0:
             x = mean
         else:
             if var is None:
-                logvar = torch.full_like(mean, tab["post_logvar"][i])
+                logvar = torch.full_like(mean, post_logvar[i])
             else:  # improved DDPM: interpolate between the clipped posterior and beta in log space
                 frac = (var + 1) / 2
-                logvar = frac * tab["log_beta"][i] + (1 - frac) * tab["post_logvar"][i]
-            x = mean + torch.exp(0.5 * logvar) * _noise(gens, tuple(x.shape[1:]), x.device)
-        if traj is not None:
-            traj.append(x.cpu())
-    return x
+                logvar = frac * log_beta[i] + (1 - frac) * post_logvar[i]
+            x = mean + torch.exp(0.5 * logvar) * _noise(run.gens, tuple(x.shape[1:]), x.device)
+        run.record(x)
+    return x, len(chain.steps)
 
 
-def _ddim(predict: Predictor, x: Tensor, steps: int, T: int, learn_sigma: bool,
-          traj: list[Tensor] | None, spacing: str = "linear") -> Tensor:
+def _ddim(form: DDPM, run: Run, x: Tensor, steps: int, spacing: str) -> tuple[Tensor, int]:
     """Deterministic DDIM (eta = 0) on the respaced steps: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps.
 
     A learned variance (the second half of 2C channels) is ignored; the last step (abar_prev = 1) returns x0.
     """
-    use = respaced_timesteps(T, steps, spacing)
-    abar = DDPMSchedule(T).alphas_cumprod[use].tolist()
-    for i in reversed(range(len(use))):
-        eps = split_sigma(predict(x, torch.full((x.shape[0],), float(use[i]), device=x.device)), learn_sigma)[0]
+    chain = form.chain(steps, spacing)
+    abar = chain.abar.tolist()
+    for i in reversed(range(len(chain.steps))):
+        out = run.predict(x, torch.full((x.shape[0],), float(chain.steps[i]), device=x.device))
+        eps = split_output(out, run.learn_sigma)[0]
         a, a_prev = abar[i], (abar[i - 1] if i > 0 else 1.0)
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        if traj is not None:
-            traj.append(x.cpu())
-    return x
+        run.record(x)
+    return x, len(chain.steps)
 
 
 # ----------------------------------------------------------------------------- flow (t from 1 to 0)
 
 
-def _flow(step: Callable, predict: Predictor, x: Tensor, gens, steps: int, learn_sigma: bool,
-          traj: list[Tensor] | None) -> Tensor:
-    """Integrate from t = 1 (noise) to t = 0 (data) on a uniform grid."""
-    ts = [1.0 - i / steps for i in range(steps + 1)]
+def _flow_loop(step: Callable) -> Callable[..., tuple[Tensor, int]]:
+    """A sampler loop that integrates from t = 1 (noise) to t = 0 (data) on a uniform grid with `step`."""
 
-    def velocity(x_: Tensor, t: float) -> Tensor:
-        out = predict(x_, net_time("flow", torch.full((x_.shape[0],), t, device=x_.device)))
-        return split_sigma(out, learn_sigma)[0]
+    def loop(form: Flow, run: Run, x: Tensor, steps: int, spacing: str) -> tuple[Tensor, int]:
+        ts = [1.0 - i / steps for i in range(steps + 1)]
 
-    for i in range(steps):
-        x = step(velocity, x, ts[i], ts[i + 1], gens, last=i == steps - 1)
-        if traj is not None:
-            traj.append(x.cpu())
-    return x
+        def velocity(x_: Tensor, t: float) -> Tensor:
+            out = run.predict(x_, form.net_time(torch.full((x_.shape[0],), t, device=x_.device)))
+            return split_output(out, run.learn_sigma)[0]
+
+        for i in range(steps):
+            x = step(velocity, x, ts[i], ts[i + 1], run.gens, last=i == steps - 1)
+            run.record(x)
+        return x, steps
+    return loop
 
 
 def _euler_step(velocity, x: Tensor, t: float, t_next: float, gens, last: bool) -> Tensor:
@@ -262,3 +237,7 @@ def _em_step(velocity, x: Tensor, t: float, t_next: float, gens, last: bool) -> 
     if last:
         return x_mean
     return x_mean + math.sqrt(2 * t * -h) * _noise(gens, tuple(x.shape[1:]), x.device)
+
+
+SAMPLER_LOOPS = {"ddpm": _ddpm, "ddim": _ddim, "euler": _flow_loop(_euler_step), "heun": _flow_loop(_heun_step),
+                 "euler_maruyama": _flow_loop(_em_step)}  # sampler name -> loop(form, run, x, steps, spacing)
