@@ -40,7 +40,8 @@ render table5 dit_table5_w_input sit_table5_w_input
 render table6 dit_table6_empty_class sit_table6_empty_class
 render table7 sit_table7_size
 render fig6 sit_table7_size
-for f in dit sit; do   # the system-level row: best MG vs best CFG at CFG's steps and at equal NFE (evaluations cached)
+for f in ${SYSTEM-dit sit}; do   # the system-level row: best MG vs best CFG at CFG's steps and at equal NFE; it evaluates
+  # what runs/digits/system/ has not cached (SYSTEM=sit: only that one; SYSTEM= : none)
   if [ -n "$(studies ${f}_table3_w)" ]; then
     "$MGBENCH" report system --study "studies/digits/${f}_table3_w.yaml" --runs-dir "runs/digits/system/$f" --out "$OUT"
   fi
