@@ -154,7 +154,7 @@ def test_study_ui_tags_open_the_classic_view_with_params_and_objective_columns(t
     assert state == {"searchFilter": "tags.`mgbench.role` = 'trial'", "orderByKey": "metrics.`eval/off_class`",
                      "orderByAsc": True, "selectedColumns": TEST_UI_COLUMNS,  # off_class: minimize, best first
                      "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", "duration", *TEST_UI_COLUMNS],
-                     "columnWidths": {c: 140 for c in TEST_UI_COLUMNS}}
+                     "columnWidths": {c: 170 for c in TEST_UI_COLUMNS}}
     # A named grid of settings: its trainer keys become the columns (each once); maximize sorts descending.
     spec = tmp_path / "bundles.yaml"
     spec.write_text(f"name: bundles\nextends: {STUDIES / 'base' / 'grid2d.yaml'}\nout_dir: {tmp_path / 'b'}\n"
