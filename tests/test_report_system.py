@@ -94,3 +94,11 @@ def test_markdown_names_the_rows_and_the_choice():
     text = S.markdown("study", table, [], 1.25, 0.33, 1000, "load average 1.0")
     assert "w* = 1.25 and s* = 0.33" in text
     assert "| vanilla + CFG s=0.33, 25 steps (equal NFE) | 25 | 50 | 3x3 | 1.000 ± 0.010 |" in text
+
+
+def test_timing_load_flags_busy_or_unrecorded_evaluations(monkeypatch):
+    monkeypatch.setattr(S.os, "cpu_count", lambda: 2)
+    assert S.timing_load({("a", 0): {"load_1m": 0.5}, ("a", 1): {"load_1m": 1.5}}) == \
+        "1-minute load average 0.5-1.5 on 2 cores"
+    assert S.timing_load({("a", 0): {"load_1m": 0.5}, ("a", 1): {"load_1m": 3.0}}).endswith("unreliable here")
+    assert S.timing_load({("a", 0): {}}).startswith("not recorded")

@@ -134,6 +134,9 @@ def evaluate_all(trials: list[Trial], rows: list[Setting], runs_dir: Path, n: in
                 echo(f"evaluate {s.label}, training seed {t.seed}: {t.path}")
                 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                 subprocess.run(eval_command(t, s, n, k, out), check=True, env=env, stdout=subprocess.DEVNULL)
+                record = json.loads(out.read_text())
+                record["load_1m"] = os.getloadavg()[0]   # how busy the machine was while IMG/S was timed
+                out.write_text(json.dumps(record, indent=2, sort_keys=True))
             found[(s.key, t.seed)] = json.loads(out.read_text())
     return found
 
@@ -252,11 +255,21 @@ def build(spec_path: str, out: Path, runs_dir: Path | None, n: int | None, k: in
     stem = "system_" + ("sit" if trials[0].formulation == "flow" else "dit")
     table.to_csv(out / f"{stem}.csv", index=False)
     per_run.to_csv(out / f"{stem}_runs.csv", index=False)
-    load = "load average {:.1f} / {:.1f} / {:.1f} on {} cores".format(*os.getloadavg(), os.cpu_count())
-    if os.getloadavg()[1] > (os.cpu_count() or 1):
-        load += "; more runnable work than cores, so IMG/S and its ratio are unreliable here"  # shared machine
+    load = timing_load(found)
     (out / f"{stem}.md").write_text(markdown(spec.name, table, comps, w_star, s_star, n, load))
     return out / f"{stem}.md"
+
+
+def timing_load(found: dict[tuple[str, int], dict[str, float]]) -> str:
+    """What the machine load says about the IMG/S column: its range over the evaluations, and whether to trust it."""
+    loads = [m.get("load_1m") for m in found.values()]
+    cores = os.cpu_count() or 1
+    if any(x is None for x in loads):
+        return "not recorded for every evaluation, so IMG/S and its ratio are unreliable here"
+    text = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
+    if max(loads) > cores:
+        text += "; more runnable work than cores, so IMG/S and its ratio are unreliable here"
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
