@@ -117,10 +117,12 @@ def test_killed_trial_job_is_rerun_from_its_latest_checkpoint(tmp_path):
     folder = _trial_folder(spec)
     _wait_for_checkpoint(folder)
     job = read_json(folder / "trial.json")["jobs"][0]["job_id"]
-    # Node-failure shape: the job's processes are killed outright (no signal handler runs, no result file).
-    subprocess.run(["scancel", "--signal=KILL", job], check=True, timeout=20)
+    # Node-failure shape: the job's processes are killed outright (no signal handler runs, no result file), not
+    # through scancel (an scancel, even --signal=KILL, ends the job CANCELLED, which is never resubmitted).
+    pattern = f"submitit.core._submit {Path(spec.out_dir).resolve()}"
+    subprocess.run(["pkill", "-KILL", "-f", pattern], check=True, timeout=20)
     summary = run_study(spec, echo=lambda s: None)
-    assert summary.n_complete == 1
+    assert summary.n_complete == 1, job
     rec = read_json(folder / "trial.json")
     assert rec["deaths"] == 1 and len(rec["jobs"]) == 2  # the driver resubmitted the same trial
     steps, client, run_id = loss_steps(spec, 0)
