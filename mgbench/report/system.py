@@ -196,13 +196,15 @@ def comparisons(rows: list[Setting], per_run: pd.DataFrame, metric: str = "fid")
 
 
 def _pm(mean: float, se: float) -> str:
-    """`mean ± se`, both to the second significant digit of the SE."""
+    """`mean ± se`, both to the second significant digit of the SE (the tables' rule, report.render.decimals)."""
+    from mgbench.report.render import DASH, PM, decimals
+
     if not math.isfinite(mean):
-        return "–"
+        return DASH
     if not math.isfinite(se) or se == 0:
         return f"{mean:.3g}"
-    digits = max(0, 1 - int(math.floor(math.log10(abs(se)))))
-    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+    digits = decimals(se, 0)
+    return f"{mean:.{digits}f} {PM} {se:.{digits}f}"
 
 
 def markdown(title: str, table: pd.DataFrame, comps: list[dict[str, Any]], w_star: float, s_star: float,
