@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from mgbench import __version__
-from mgbench.config import ConfigError
+from mgbench.config import ConfigError, print_error  # noqa: F401  (print_error: re-exported for the sub-commands)
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent forms PyYAML (YAML 1.1) reads as text
 
@@ -52,14 +52,6 @@ def did_you_mean(word: str, options: Iterable[Any]) -> str:
     """` (did you mean 'x'?)` for the option closest to `word`, or '' when none is close."""
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def print_error(prog: str, error: BaseException | str) -> int:
-    """Print `PROG: error: MESSAGE` (its first line) on stderr; returns 2, the exit status of usage errors."""
-    text = error.args[0] if isinstance(error, (LookupError, ValueError)) and error.args else error
-    lines = str(text).strip().splitlines() or [type(error).__name__]
-    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
-    return 2
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

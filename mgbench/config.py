@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,14 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config value; the message is one line: `file:field: what is wrong (what is allowed)`."""
+
+
+def print_error(prog: str, error: BaseException | str) -> int:
+    """Print `PROG: error: MESSAGE` (its first line) on stderr; returns 2, the exit status of usage errors."""
+    text = error.args[0] if isinstance(error, (LookupError, ValueError)) and error.args else error
+    lines = str(text).strip().splitlines() or [type(error).__name__]
+    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+    return 2
 
 
 # ----------------------------------------------------------------------------- sections
@@ -49,12 +58,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "MLP-S"            # a registry name: MLP-S/B, DiT-T/2 ... DiT-XL/8 (see trainer.models.MODELS)
+    arch: str = "MLP-S"            # a registry name: MLP-S/B, DiT-T/2 ... DiT-XL/8 (see mgbench.archs.MODELS)
     learn_sigma: bool = False      # DiT on diffusion: also predict the variance (output 2C channels)
     w_input: bool = False          # scale-aware model: w is a network input (an extra scalar embedding)
 
     def validate(self, where: str) -> None:
-        from mgbench.trainer.models import MODELS
+        from mgbench.archs import MODELS
 
         _choice(where, "arch", self.arch, tuple(MODELS))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mgbench.tracking import TAG_ROLE
 
-Source = tuple[str, "str | None"]   # (study name, its MLflow tracking URI), as mgbench.report.cli.resolve_studies gives
+Source = tuple[str, "str | None"]   # (study name, its MLflow tracking URI), as mgbench.report.renderers.resolve_studies gives
 
 
 def local_store(tracking_uri: str) -> Path | None:
@@ -40,9 +40,9 @@ def require_runs(sources: list[Source], given: list[str]) -> None:
 
 def _has_trial_runs(study: str, tracking_uri: str) -> bool:
     """Whether the study's experiment holds at least one trial run (reads an existing store only)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
         return False

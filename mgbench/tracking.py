@@ -20,6 +20,7 @@ TAG_STATUS = "mgbench.status"          # running | finished | failed | pruned | 
 TAG_SCALE = "mgbench.scale"            # e.g. "digits, 2000 steps": labels measured rows in reports
 TAG_OUT_DIR = "mgbench.out_dir"        # the run's checkpoint folder
 TAG_CONFIG_HASH = "mgbench.config_hash"  # content hash of the trial's resolved config (mgbench.study.reuse)
+TAG_PARENT = "mlflow.parentRunId"       # MLflow's own tag nesting a trial run under its study run (in the UI)
 TAG_REUSED_FROM = "mgbench.reused_from"  # a trial copied from an equal one: "<study>/<trial number>/<run id>"
 
 # The one status map: mgbench status (TAG_STATUS) -> MLflow run status. A pruned or cancelled trial's run ends KILLED, so
@@ -169,13 +170,20 @@ class MemoryTracker:
         return [v for _, v in self.metrics.get(name, [])]
 
 
+def mlflow_client(tracking_uri: str | None) -> Any:
+    """The one way mgbench opens an MLflow store: MLflow's public client on `tracking_uri` (runs, histories,
+    artifacts are read and written through it). Opening a missing local sqlite file creates it; commands that
+    only read ask `mgbench.stores` first."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
 class MlflowTracker:
     """Logs to one MLflow run by id; metrics are batched (one request per `flush_every` seconds)."""
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, flush_every: float = 5.0) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.run_id = run_id
         self.flush_every = flush_every
         self._pending: list[Any] = []
@@ -267,5 +275,5 @@ def study_ui_tags(spec: Any, now_ms: int | None = None) -> dict[str, str]:
     keys = []
     for key, p in spec.space.items():
         keys += [k for setting in p.bundles.values() for k in setting] if p.bundles else [key]
-    metric = next(iter(tracked_eval({spec.objective.metric: 0.0})))
-    return experiment_ui_tags(list(dict.fromkeys(keys)), metric, spec.objective.direction == "minimize", now_ms)
+    metric = next(iter(tracked_eval({spec.optimize.metric: 0.0})))
+    return experiment_ui_tags(list(dict.fromkeys(keys)), metric, spec.optimize.direction == "minimize", now_ms)

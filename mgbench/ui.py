@@ -263,11 +263,9 @@ def runs_page_link(url: str, experiment_id: str) -> str:
 
 def mark_study_experiment(tracking_uri: str, spec: Any) -> str | None:
     """Set the study's UI tags on its experiment (studies from before them lack them); its id, None if none yet."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client, study_ui_tags
 
-    from mgbench.tracking import study_ui_tags
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(spec.name)
     if exp is None or exp.lifecycle_stage != "active":
         return None
@@ -284,7 +282,7 @@ def study_link_lines(url: str, spec: Any) -> list[str]:
     if exp_id is None:
         return [f"study {spec.name} has no runs yet: `mgbench study run {spec.path}` makes them "
                 f"(then run this command again for their link)"]
-    metric = next(iter(tracked_eval({spec.objective.metric: 0.0})))
+    metric = next(iter(tracked_eval({spec.optimize.metric: 0.0})))
     return [f"study {spec.name}: {runs_page_link(url, exp_id)}",
             f"  (its trials with columns {', '.join(spec.space)}, {metric} and its SE; best first)"]
 

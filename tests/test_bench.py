@@ -16,10 +16,7 @@ from mgbench.bench.sampling import SamplingCase, bench_sampling
 from mgbench.bench.timing import Check, interleaved, judged, measure, peak_rss_mb, unreliable_because
 from mgbench.bench.training import NUM_CLASSES, VARIANTS, TrainingCase, Variant, bench_training
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

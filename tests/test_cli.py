@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, STUDIES
 
-ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = Path(sys.executable).parent / "mgbench"
 MGBENCH = [str(INSTALLED)] if INSTALLED.is_file() else [sys.executable, "-m", "mgbench"]
 COMMANDS = ["train", "eval", "study", "report", "frontier", "ui", "dashboard", "bench"]
@@ -27,13 +27,13 @@ def mgbench(*args: str, cwd: Path = ROOT, prefix: list[str] | None = None) -> su
 
 def tiny_spec(folder: Path, name: str = "_cli_tiny") -> Path:
     """A one-trial grid2d study on the debug executor: a few steps, a quick evaluation, folders under `folder`."""
-    spec = {"name": name, "extends": str(ROOT / "studies/base/grid2d.yaml"),
+    spec = {"name": name, "extends": str(STUDIES / "base/grid2d.yaml"),
             "base": {"optim": {"batch_size": 32}, "train": {"steps": 4, "log_every": 2, "ckpt_every": 4,
                                                             "device": "cpu"},
                      "sample": {"steps": 4, "n_grid": 16}, "eval": {"n_samples": 16}},
             "space": {"objective.w": {"grid": [1.0]}}, "sampler": "grid",
-            "objective": {"metric": "off_class", "direction": "minimize"},
-            "eval_hook": "mgbench.study.testing:quick_eval_hook", "executor": "debug", "poll_s": 0.05,
+            "optimize": {"metric": "off_class", "direction": "minimize"},
+            "eval_hook": "mgbench.evaluation.quick:quick_eval_hook", "executor": "debug", "poll_s": 0.05,
             "out_dir": "out"}
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -61,7 +61,7 @@ def test_version_is_the_projects_and_python_m_is_the_command():
 def test_train_help_names_a_folder_of_trainer_configs_that_exists():
     res = mgbench("train", "--help")
     assert res.returncode == 0 and "studies/base/" in res.stdout and "mgbench/configs" not in res.stdout
-    assert sorted(p.name for p in (ROOT / "studies/base").glob("*.yaml"))   # the folder it names holds configs
+    assert sorted(p.name for p in (STUDIES / "base").glob("*.yaml"))   # the folder it names holds configs
 
 
 HEAVY = ("torch", "pandas", "numpy", "scipy", "mlflow", "optuna", "submitit")

@@ -18,19 +18,19 @@ from urllib.parse import urlsplit
 import pytest
 
 import procview as pv
+from conftest import ROOT, slurm_conf
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "mariadbd")  # munged has only a unix socket
 SERVICE_DAEMONS = ("postgres", "mlflow")
 
 
 def shared_dirs() -> tuple[Path, Path]:
     """(cluster folder, services folder) of the running test cluster, or skip."""
-    conf = os.environ.get("SLURM_CONF")
-    if not conf or not Path(conf).is_file():
+    conf = slurm_conf()
+    if conf is None:
         pytest.skip('no SLURM test cluster: slurm/ci.sh up && . "$MGBENCH_SLURM_DIR/env.sh"')
-    cluster = Path(conf).parent.parent
+    cluster = conf.parent.parent
     base = Path(os.environ.get("MGBENCH_SLURM_DIR") or cluster.parent)
     return cluster, base / "services"
 
@@ -127,7 +127,7 @@ class Cluster:
         self.env = {**os.environ, "MGBENCH_SLURM_DIR": str(base), "SLURM_CONF": str(self.conf)}
 
     def script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        res = subprocess.run(["bash", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(["bash", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
         assert res.returncode == 0, f"{args}: rc {res.returncode}\n{res.stderr[-3000:]}"
         return res
 
@@ -185,7 +185,7 @@ def private_cluster(tmp_path_factory) -> Cluster:
         c.script("slurm/cluster.sh", "start")
         yield c
     finally:
-        subprocess.run(["bash", "slurm/cluster.sh", "stop"], cwd=REPO, env=c.env, capture_output=True, timeout=120)
+        subprocess.run(["bash", "slurm/cluster.sh", "stop"], cwd=ROOT, env=c.env, capture_output=True, timeout=120)
 
 
 def test_private_cluster_listens_on_loopback_only_and_keeps_secrets_private(private_cluster: Cluster) -> None:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import pytest
 import torch
 import yaml
+from conftest import STUDIES
 
-ROOT = Path(__file__).resolve().parents[1]
-GRID2D = ROOT / "studies" / "base" / "grid2d.yaml"
+GRID2D = STUDIES / "base" / "grid2d.yaml"
 HANG_S = 300          # a rank still running after this is stuck in a collective (generous: the CPUs are shared)
 PRUNE_STEP = 10       # the pruner judges the first evaluation
 
@@ -76,7 +76,7 @@ def tiny_config(folder: Path, **sets: Any):
 
 def _prune_worker(rank: int, folder: Path, spec_path: str, trial_id: int) -> dict:
     from mgbench.study.spec import load_spec
-    from mgbench.study.testing import w_eval_hook
+    from mgbench.evaluation.quick import w_eval_hook
     from mgbench.study.trial import PruningHook
     from mgbench.trainer.loop import train
 
@@ -106,8 +106,8 @@ def test_a_prune_on_rank_0_stops_every_rank_at_that_evaluation(tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "_ddp_prune", "extends": str(GRID2D), "space": {"objective.w": [1.0, 1.2, 1.8]},
-        "sampler": "grid", "objective": {"metric": "w", "direction": "minimize"},
-        "pruning": {"type": "median", "n_startup_trials": 2}, "eval_hook": "mgbench.study.testing:w_eval_hook",
+        "sampler": "grid", "optimize": {"metric": "w", "direction": "minimize"},
+        "pruning": {"type": "median", "n_startup_trials": 2}, "eval_hook": "mgbench.evaluation.quick:w_eval_hook",
         "executor": "debug", "out_dir": str(tmp_path / "study")}))
     study = open_study(load_spec(spec_path))
     for w in (1.0, 1.2):

@@ -12,7 +12,7 @@ from mgbench import tracking as T
 from mgbench.analysis.cli import add_frontier_parser
 from mgbench.analysis.frontier import (Curve, cfg_curve, effective_scale, expanded_alpha, frontier_table,
                                        interpolation_error_bound, match_diversity, verdict)
-from mgbench.analysis.frontier_report import points_from_runs, render_frontier, to_markdown, write_frontier
+from mgbench.report.frontier import points_from_runs, render_frontier, to_markdown, write_frontier
 
 SCALES = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
 DV = 1 - 0.2 * SCALES                  # diversity falls with the CFG scale
@@ -213,9 +213,9 @@ def test_render_frontier_from_a_frame(tmp_path):
 def _log_study(uri: str, study: str) -> None:
     """Trial runs in a real MLflow store: vanilla sweeps and MG evaluations at steps 1000 and 2000."""
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.create_experiment(study)
     for i, rec in enumerate(_runs(seeds=(0, 1)).to_dict("records")):
         if rec["status"] != "finished":

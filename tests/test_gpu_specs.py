@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, STUDIES
 
-ROOT = Path(__file__).resolve().parents[1]
-SPECS = sorted((ROOT / "studies" / "imagenet").glob("*.yaml"))
+SPECS = sorted((STUDIES / "imagenet").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_a_missing_site_variable_is_a_one_line_error(site):
     import os
 
     env = {k: v for k, v in {**os.environ, **site}.items() if k != "MGBENCH_IMAGENET"}
-    res = dry_run(ROOT / "studies" / "imagenet" / "dit_table3_w.yaml", env)
+    res = dry_run(STUDIES / "imagenet" / "dit_table3_w.yaml", env)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "imagenet256-dit.yaml:data.path: environment variable MGBENCH_IMAGENET is not set" \

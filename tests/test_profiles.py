@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_slurm_conf
 
 from mgbench.config import ConfigError
 from mgbench.study.profiles import PROFILES_DIR, load_profile, profile_path, validate_profile
@@ -79,8 +80,7 @@ def _ping() -> str:
 @pytest.mark.slurm
 @pytest.mark.timeout(180)
 def test_local_profile_runs_on_the_test_cluster(tmp_path: Path) -> None:
-    if not os.environ.get("SLURM_CONF"):
-        pytest.skip('SLURM_CONF unset: run slurm/cluster.sh start && eval "$(slurm/cluster.sh env)"')
+    require_slurm_conf()
     import sys
 
     import cloudpickle

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
+from conftest import STUDIES
 
 from mgbench.cli import main as mgbench_main
 from mgbench.config import train_config_from_dict
@@ -20,13 +20,9 @@ from mgbench.study.trial import PROGRESS_FILE, read_json, trial_dir, write_json
 from mgbench.trainer.loop import train
 from mgbench.trainer.progress import ConsoleProgress, Progress, format_duration, progress_line
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
 LINE = re.compile(r"^step (\d+)/(\d+) \((\d+)%\)  (\S+) steps/s  ETA (\S+)(  .*)?$")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def test_rate_and_eta_are_this_invocations_steps_over_its_wall_time():
@@ -109,7 +105,7 @@ def test_train_no_eval_prints_step_lines_and_the_result_but_no_eval_line(tmp_pat
     run = tmp_path / "run"
     settings = [f"out_dir={run}", "train.steps=4", "train.log_every=2", "optim.batch_size=32", "sample.steps=2",
                 "sample.n_grid=8"]
-    argv = ["train", str(ROOT / "studies" / "base" / "grid2d.yaml"), "--no-eval"]
+    argv = ["train", str(STUDIES / "base" / "grid2d.yaml"), "--no-eval"]
     assert mgbench_main(argv + [a for s in settings for a in ("--set", s)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"train grid2d: 4 steps, out_dir {run}"
@@ -130,8 +126,8 @@ base:
 space:
   objective.w: {{grid: [1.0, 1.5]}}
 sampler: grid
-objective: {{metric: off_class, direction: minimize}}
-eval_hook: mgbench.study.testing:quick_eval_hook
+optimize: {{metric: off_class, direction: minimize}}
+eval_hook: mgbench.evaluation.quick:quick_eval_hook
 executor: debug
 parallelism: 2
 poll_s: 0.1
@@ -141,7 +137,7 @@ report: [toy]
 
 def test_a_study_shows_progress_and_status_and_renders_its_report_under_runs(tmp_path, monkeypatch, capsys):
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(SPEC.format(base=ROOT / "studies" / "base" / "grid2d.yaml"))
+    spec_file.write_text(SPEC.format(base=STUDIES / "base" / "grid2d.yaml"))
     out = tmp_path / "runs" / "_test_progress"
     monkeypatch.chdir(tmp_path)   # the old default wrote ./reports/<study>/ here
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from mgbench.cli import COMMANDS, _command_in, _unknown_options, build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}   # fenced blocks whose lines are commands
 OPERATORS = {"&&", "||", ";", "|"}                   # between simple commands on one line

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import STUDIES
 
-from mgbench.report.cli import ALL, add_report_parser, render, run_report
+from mgbench.report.cli import add_report_parser, run_report
 from mgbench.report.load import load_runs
+from mgbench.report.renderers import ALL, render
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "studies" / "quickstart.yaml"
+QUICKSTART = STUDIES / "quickstart.yaml"
 # The quickstart as written (vanilla, MG w=1.25 and 1.5, CFG sweep 0.5/1/2, the real grid2d evaluation), shrunk to
 # a few seconds per trial on the debug executor.
 TINY = {"optim": {"batch_size": 64}, "train": {"steps": 30, "log_every": 10, "ckpt_every": 30, "device": "cpu"},

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT
 from scipy import stats as st
 from scipy.special import gammaln
 
@@ -48,18 +49,18 @@ def _spec(folder: Path, name: str, db: Path) -> str:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "tracking_uri": f"sqlite:///{db}", "out_dir": str(db.parent), "sampler": "grid",
-        "space": {"objective.w": {"grid": [1.0]}}, "objective": {"metric": "in_class", "direction": "maximize"}}))
+        "space": {"objective.w": {"grid": [1.0]}}, "optimize": {"metric": "in_class", "direction": "maximize"}}))
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     """Spec files of three studies: `toy` and `extra` in one store, `ghost` never run (no store)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("claims")
     db = root / "mlflow.db"
-    client = MlflowClient(f"sqlite:///{db}")
+    client = mlflow_client(f"sqlite:///{db}")
     exp, parent = start_study(client, "toy", str(root / "art"))
     trials = [({"objective.w": 1.0, "train.seed": s}, {**_metrics(v), **_metrics(c1, T.metric_sweep(1.0, "fid")),
                                                        **_metrics(c05, T.metric_sweep(0.5, "fid"))})
@@ -258,7 +259,7 @@ def test_cli_puts_the_table_into_a_document_between_its_markers(specs, tmp_path,
 
 
 def test_repo_claims_file_is_valid(monkeypatch):
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     monkeypatch.chdir(root)
     claims = load_claims("reports/claims.yaml")
     ids = [c.id for c in claims]

@@ -7,7 +7,7 @@ import pytest
 from mgbench import tracking as T
 from mgbench.report import figures as F
 from mgbench.report import load as L
-from mgbench.report.cli import render
+from mgbench.report.renderers import render
 from mgbench.report.synthetic import log_trial, start_study, trial_params
 
 FID, IS = T.metric_eval("fid"), T.metric_eval("is")
@@ -35,11 +35,11 @@ def test_sweep_metric_name_is_valid_for_mlflow():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Study `figs`: sweeps (Fig. 4), FID histories (Fig. 5), sizes (Fig. 6), 2D toy samples (Fig. 2)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp, parent = start_study(client, "figs", str(root / "art"))
     size = {T.M_PARAMS: 1e6, T.M_GFLOPS: 0.5, T.M_NFE: 50.0}
     vanilla = {FID: 20.0, IS: 50.0, **size, **_sweep({0.5: {"fid": 12.0, "is": 90.0}, 1.0: {"fid": 10.0, "is": 120.0}})}
@@ -140,10 +140,10 @@ def test_figures_idempotent(store, tmp_path):
 
 def test_fig4_mean_and_se_over_runs(tmp_path):
     """Two vanilla runs: mean and SE over runs; one MG run: the SE over its sample seeds (sampling only)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp, parent = start_study(client, "se", str(tmp_path / "art"))
     s05 = T.metric_sweep(0.5, "fid")
     for i, (over, fid, swept) in enumerate([({}, 20.0, 12.0), ({"train.seed": 1}, 22.0, 12.6),

@@ -8,8 +8,9 @@ import pytest
 
 from mgbench import tracking as T
 from mgbench.report import load as L
-from mgbench.report.cli import add_report_parser, render, run_report
+from mgbench.report.cli import add_report_parser, run_report
 from mgbench.report.render import DASH, to_latex, to_markdown
+from mgbench.report.renderers import render
 from mgbench.report.synthetic import log_trial, start_study, trial_params
 from mgbench.report.tables import build_table, paper_rows, row_key
 
@@ -27,11 +28,11 @@ def _log(client, study, exp, parent, runs):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Two studies: `ablate` (w sweep with seeds, a failed and a missing setting) and `system` (Tables 1/2)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp, parent = start_study(client, "ablate", str(root / "art"))
     _log(client, "ablate", exp, parent, [
         ({**DIT, "objective.w": 1.0}, {FID: 40.0, IS: 50.0, PREC: 0.5}, "finished"),
@@ -182,7 +183,7 @@ def test_bench_report_small(tmp_path):
 
 def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, capsys):
     """Table 3's w rows and its AUTO row live in two studies, each with its own store: one table from both."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     stores = {}
     for name, rows in (("t3_w", [({**DIT, "objective.w": 1.0}, {FID: 40.0}), ({**DIT, "objective.w": 1.5}, {FID: 7.0})]),
@@ -190,7 +191,7 @@ def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, cap
         root = tmp_path / name
         root.mkdir()
         stores[name] = f"sqlite:///{root}/mlflow.db"
-        client = MlflowClient(stores[name])
+        client = mlflow_client(stores[name])
         exp, parent = start_study(client, name, str(root / "art"))
         _log(client, name, exp, parent, [(over, metrics, "finished") for over, metrics in rows])
     paths = render("table3", [("t3_w", stores["t3_w"]), ("t3_auto", stores["t3_auto"])], out=tmp_path / "out")
@@ -272,11 +273,11 @@ SEEDED_RUNS = [   # (overrides, {tracked name: run mean}); every run at 5 sample
 def seeded(tmp_path_factory):
     """Study `seeded`: vanilla (3 seeds, CFG sweep at s = 0.5, 1), MG w=1.5 (3 seeds), w=1.25 (1 seed),
     a w-input model (2 seeds, w sweep at 1.33, 1.5, 2); every run evaluated at 5 sample seeds."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("seeded")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp, parent = start_study(client, "seeded", str(root / "art"))
     ids = [log_trial(client, "seeded", exp, parent, i, trial_params(**over), _seeded(**means))
            for i, (over, means) in enumerate(SEEDED_RUNS)]
@@ -399,11 +400,11 @@ def _grid(prefix: str, in_class: float, wrong: float, sub: float, coverage: floa
 def toy_runs(tmp_path_factory):
     """Study `toy`: vanilla at 2 training seeds x 3 sample seeds with a CFG sweep (0.5, 1.0); MG w=1.5 (implied
     s = 1) at 2 seeds; MG w=1.25 from before wrong_class/off_board/subcell_coverage existed; MG w=1.75 failed."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("toy")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp, parent = start_study(client, "toy", str(root / "art"))
     ev, sw = "eval/{}", lambda s: T.metric_sweep(s, "{}")
     runs = []

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import STUDIES
 
 from mgbench.config import load_train_config
 from mgbench.trainer.formulation import respaced_timesteps
@@ -138,7 +138,7 @@ def test_euler_maruyama_is_stochastic_and_ends_deterministic():
 
 # ----------------------------------------------------------------------------- DDIM and a Gaussian's std
 
-DIGITS_DIT = Path(__file__).resolve().parents[1] / "studies" / "base" / "digits-dit.yaml"
+DIGITS_DIT = STUDIES / "base" / "digits-dit.yaml"
 S2 = 0.25                                                                 # x0 ~ N(0, 0.5^2) per coordinate
 
 

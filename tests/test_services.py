@@ -10,6 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import require_slurm_conf
+
+from mgbench.tracking import mlflow_client
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]
 
@@ -63,8 +66,7 @@ def test_optuna_study_shared_by_two_processes(pg_url: str) -> None:
 
 
 def test_mlflow_server_accepts_a_run(mlflow_url: str, tmp_path: Path) -> None:
-    mlflow = pytest.importorskip("mlflow")
-    client = mlflow.MlflowClient(tracking_uri=mlflow_url)
+    client = mlflow_client(mlflow_url)
     exp_id = client.create_experiment(f"test-services-{uuid.uuid4().hex[:8]}")
     run = client.create_run(exp_id, run_name="http-run", tags={"mgbench.test": "1"})
     rid = run.info.run_id
@@ -96,10 +98,8 @@ def log_from_job(url: str, exp_name: str) -> str:
 @pytest.mark.slurm
 def test_slurm_job_reaches_mlflow(mlflow_url: str, tmp_path: Path) -> None:
     submitit = pytest.importorskip("submitit")
-    if not os.environ.get("SLURM_CONF"):
-        pytest.skip('SLURM_CONF unset: run slurm/cluster.sh start && eval "$(slurm/cluster.sh env)"')
+    require_slurm_conf()
     import cloudpickle
-    import mlflow
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
@@ -112,5 +112,5 @@ def test_slurm_job_reaches_mlflow(mlflow_url: str, tmp_path: Path) -> None:
             job.cancel(check=False)
             pytest.fail(f"job {job.job_id} not done after 120s")
         time.sleep(0.5)
-    run = mlflow.MlflowClient(tracking_uri=mlflow_url).get_run(job.result())
+    run = mlflow_client(mlflow_url).get_run(job.result())
     assert run.data.metrics["job_id"] == float(job.job_id)

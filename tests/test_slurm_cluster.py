@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import slurm_conf
 
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (a submitit dependency)
@@ -23,8 +24,7 @@ JOB_TIMEOUT_S = 90  # bound on every result() wait
 
 def _cluster_reason() -> str | None:
     """Say why the cluster is unusable, or None when sinfo answers."""
-    conf = os.environ.get("SLURM_CONF")
-    if not conf or not Path(conf).is_file():
+    if slurm_conf() is None:
         return "SLURM_CONF unset or missing: run slurm/cluster.sh start && eval \"$(slurm/cluster.sh env)\""
     if shutil.which("sinfo") is None:
         return "sinfo not found: run slurm/cluster.sh install"

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 
 import procview as pv
+from conftest import STUDIES
 
 pytestmark = [pytest.mark.timeout(400)]
-REPO = Path(__file__).resolve().parents[1]
 STUDY_TIMEOUT_S = 240  # bound on the whole study run (2 trials of 0.3 s each)
 
 # The trial entry: records the torch threads it runs with and whether the real storage URI is recoverable from
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from mgbench.redact import mask_uri, unstash_uri
-from mgbench.study.testing import sleep_train
+from mgbench_standins import sleep_train
 
 
 def train(cfg, tracker=None, eval_hook=None):
@@ -53,15 +53,15 @@ def train(cfg, tracker=None, eval_hook=None):
 def spec_text(name: str, probe: str, out_dir: Path) -> str:
     """A 2-trial SLURM study whose URIs come from the environment (`${...}`, expanded when the spec loads)."""
     return f"""name: {name}
-extends: {REPO / "studies" / "base" / "grid2d.yaml"}
+extends: {STUDIES / "base" / "grid2d.yaml"}
 base:
   train: {{device: cpu}}
 space:
   train.steps: {{grid: [300, 301]}}
 sampler: {{type: grid, seed: 5}}
-objective: {{metric: loss, direction: minimize}}
+optimize: {{metric: loss, direction: minimize}}
 entry: {probe}:train
-eval_hook: mgbench.study.testing:w_eval_hook
+eval_hook: mgbench.evaluation.quick:w_eval_hook
 executor: {{type: slurm, profile: local}}
 parallelism: 2
 poll_s: 0.5
@@ -153,10 +153,10 @@ def test_no_password_in_files_logs_or_command_lines(study) -> None:
 @pytest.mark.slurm
 @pytest.mark.postgres
 def test_no_password_in_mlflow_params_tags_or_artifacts(study, tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     secret = study["password"]
-    client = MlflowClient(study["tracking"])
+    client = mlflow_client(study["tracking"])
     exp = client.get_experiment_by_name(study["name"])
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) >= 3  # the study's parent run and one run per trial

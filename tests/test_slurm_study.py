@@ -9,20 +9,20 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import TEST_STUDIES
 
 from mgbench import tracking as T
 from mgbench.study.runner import Driver, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
+from mgbench.tracking import mlflow_client
 from mgbench.trainer.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600), pytest.mark.usefixtures("slurm_cluster")]
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def spec_for(tmp_path: Path, space: dict, steps: int, parallelism: int = 2, extra: dict | None = None):
-    return load_spec(STUDIES / "_test_grid.yaml", {**(extra or {}),
+    return load_spec(TEST_STUDIES / "_test_grid.yaml", {**(extra or {}),
         "out_dir": str(tmp_path / "study"), "executor": {"type": "slurm", "profile": "local"},
         "space": space, "parallelism": parallelism, "poll_s": 0.5,
         "base": {"optim": {"batch_size": 128, "lr": 2.0e-3},
@@ -37,7 +37,7 @@ def sacct(job: str) -> list[list[str]]:
 
 
 def loss_steps(spec, number: int):
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     run_id = read_json(Path(spec.out_dir) / "trials" / f"{number:04d}" / "trial.json")["run_id"]
     return [m.step for m in client.get_metric_history(run_id, T.M_LOSS)], client, run_id
 
@@ -57,14 +57,14 @@ def test_grid_of_four_real_trials_goes_out_as_one_gpu_job_array(tmp_path):
     assert summary.n_complete == 4 and summary.n_failed == 0
     trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.name)
     runs = client.search_runs([exp.experiment_id], f"tags.`{T.TAG_ROLE}` = 'trial'")
     assert len(runs) == 4
     job_ids = sorted(r.data.tags[T.TAG_SLURM_JOB] for r in runs)
     array = {j.split("_")[0] for j in job_ids}
     assert len(array) == 1 and sorted(j.split("_")[1] for j in job_ids) == ["0", "1", "2", "3"]
-    assert all(r.data.tags["mlflow.parentRunId"] for r in runs)
+    assert all(r.data.tags[T.TAG_PARENT] for r in runs)
     assert all(r.data.metrics[T.metric_eval("off_class")] >= 0 for r in runs)
     assert all(len(client.get_metric_history(r.info.run_id, T.M_LOSS)) == 6 for r in runs)
     array_id = job_ids[0].split("_")[0]

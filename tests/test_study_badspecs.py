@@ -18,7 +18,10 @@ import torch
 import yaml
 
 from mgbench.cli import main as mgbench_main
-from mgbench.study.spec import GRID2D_METRICS, IMAGE_METRICS, evaluation_metrics, load_spec
+from mgbench.study.spec import load_spec
+from mgbench.study.spec_checks import GRID2D_METRICS, IMAGE_METRICS, evaluation_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 SPEC = "study.yaml"
 
@@ -26,7 +29,7 @@ DELETE = object()
 # What this file changes in the shared good spec (`good_study`, tests/conftest.py): its name, and the default
 # evaluation hook, which keeps the objective metric checked. The sleeping trainer keeps an accidental run short
 # (it would show up as files in the folder and exit 0, and the case fails).
-GOOD = {"name": "badspec", "eval_hook": DELETE, "objective": {"metric": "off_support"}}
+GOOD = {"name": "badspec", "eval_hook": DELETE, "optimize": {"metric": "off_support"}}
 
 
 def _merge(dst: dict, patch: dict) -> None:
@@ -136,11 +139,17 @@ CASES = [
     ("categorical_without_choices", {"sampler": "tpe", "n_trials": 4,
                                      "space": {"train.seed": {"type": "categorical"}}},
      "space.train.seed.choices", "required for type categorical", None),
-    ("bad_direction", {"objective": {"direction": "up"}}, "objective.direction",
+    ("bad_direction", {"optimize": {"direction": "up"}}, "optimize.direction",
      "'up' is not one of minimize, maximize", None),
-    ("unknown_objective_key", {"objective": {"metrc": "fid"}}, "objective.metrc",
+    ("direction_against_the_registry", {"optimize": {"metric": "in_class", "direction": "minimize"}},
+     "optimize.direction", "in_class is better higher (the metric registry), so minimize would search", None),
+    ("unregistered_metric_without_direction", {"optimize": {"_replace": True, "metric": "loss"}}, "optimize.direction",
+     "required for 'loss', which is not in the metric registry (allowed: minimize, maximize)", None),
+    ("old_objective_key", {"objective": {"metric": "fid"}}, "objective",
+     "renamed `optimize` in study specs", None),
+    ("unknown_optimize_key", {"optimize": {"metrc": "fid"}}, "optimize.metrc",
      "unknown key (allowed: direction, metric)", None),
-    ("unknown_objective_metric", {"objective": {"metric": "fid"}}, "objective.metric",
+    ("unknown_optimize_metric", {"optimize": {"metric": "fid"}}, "optimize.metric",
      "'fid' is not reported by the evaluation of this study (allowed: in_class, wrong_class, off_board, "
      "off_support, coverage, subcell_coverage, swd, center_dist, nfe)", None),
     ("unknown_pruner", {"pruning": {"type": "aggressive"}}, "pruning.type",
@@ -194,23 +203,18 @@ CASES = [
     ("imagefolder_vae_folder_missing", {"base": IMAGES}, "base.data.vae",
      "folder '{tmp}/vae' does not exist (a local diffusers AutoencoderKL folder)", _setup_images),
     ("imagefolder_metric_not_evaluated", {"base": {**IMAGES, "eval": {"metrics": ["fid"]}},
-                                          "objective": {"metric": "is"}}, "objective.metric",
+                                          "optimize": {"metric": "is", "direction": "maximize"}}, "optimize.metric",
      "'is' is not reported by the evaluation of this study (allowed: fid, nfe)", _setup_vae),
     ("entry_not_module_function", {"entry": "train"}, "entry", "expected module:function, got 'train'", None),
     ("entry_module_missing", {"entry": "mgbench.nosuch:train"}, "entry",
      "cannot import 'mgbench.nosuch' (ModuleNotFoundError: No module named 'mgbench.nosuch'); "
      "expected an importable module:function", None),
-    ("eval_hook_function_missing", {"eval_hook": "mgbench.study.testing:nope"}, "eval_hook",
-     "module 'mgbench.study.testing' has no function 'nope' (expected module:function)", None),
+    ("eval_hook_function_missing", {"eval_hook": "mgbench.evaluation.quick:nope"}, "eval_hook",
+     "module 'mgbench.evaluation.quick' has no function 'nope' (expected module:function)", None),
     ("unknown_report_item", {"report": ["fig99"]}, "report", "'fig99' is not one of", None),
 ]
 IDS = [c[0] for c in CASES]
 assert len(set(IDS)) == len(IDS) >= 30
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def write_case(good: dict, tmp: Path, patch: dict, setup) -> Path:
@@ -271,7 +275,7 @@ def test_parallelism_flag_zero_is_refused(tmp_path, good_study, monkeypatch, cap
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("case", ["unknown_objective_metric", "storage_journal_in_missing_dir"])
+@pytest.mark.parametrize("case", ["unknown_optimize_metric", "storage_journal_in_missing_dir"])
 def test_real_mgbench_process_exits_2_with_one_line(tmp_path, good_study, case):
     """The installed `mgbench` command, as a user runs it: exit status 2, one line on stderr, nothing written."""
     _, patch, field, allowed, setup = next(c for c in CASES if c[0] == case)
@@ -308,6 +312,6 @@ def test_metric_names_match_the_evaluation():
 
 def test_custom_eval_hook_metric_is_not_second_guessed(tmp_path, good_study):
     """With a custom evaluation hook the study cannot know its metric names: any name is accepted."""
-    path = write_case(good_study, tmp_path, {"eval_hook": "mgbench.study.testing:quick_eval_hook",
-                                             "objective": {"metric": "off_class"}}, None)
-    assert load_spec(path).objective.metric == "off_class"
+    path = write_case(good_study, tmp_path, {"eval_hook": "mgbench.evaluation.quick:quick_eval_hook",
+                                             "optimize": {"metric": "off_class"}}, None)
+    assert load_spec(path).optimize.metric == "off_class"

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
-import torch
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import STUDIES
+from mgbench.tracking import mlflow_client
 
 from mgbench.config import ConfigError, TrainConfig
 from mgbench.report.load import load_runs
@@ -21,13 +22,9 @@ from mgbench.study.trial import read_json
 from mgbench.tracking import TAG_CONFIG_HASH, TAG_REUSED_FROM, TAG_ROLE, TAG_STATUS, TAG_TRIAL, flatten
 from mgbench.trainer.checkpoint import list_checkpoints
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
-ENTRY, HOOK = "mgbench.trainer.loop:train", "mgbench.study.testing:quick_eval_hook"
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+ENTRY, HOOK = "mgbench.trainer.loop:train", "mgbench.evaluation.quick:quick_eval_hook"
 
 
 def write_spec(tmp: Path, name: str, space: dict, train: dict, **top) -> Path:
@@ -36,7 +33,7 @@ def write_spec(tmp: Path, name: str, space: dict, train: dict, **top) -> Path:
             "base": {"optim": {"batch_size": 128, "lr": 2.0e-3}, "sample": {"steps": 10, "n_grid": 64},
                      "eval": {"n_samples": 64},
                      "train": {"steps": 60, "eval_every": 20, "device": "cpu", **train}},
-            "space": space, "sampler": "grid", "objective": {"metric": "off_class", "direction": "minimize"},
+            "space": space, "sampler": "grid", "optimize": {"metric": "off_class", "direction": "minimize"},
             "eval_hook": HOOK, "executor": "debug", "parallelism": 1, "poll_s": 0.1,
             "storage": f"sqlite:///{tmp / 'optuna.db'}", "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
             "out_dir": str(tmp / name), **top}
@@ -49,12 +46,12 @@ def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / EVENTS_FILE).read_text().splitlines()]
 
 
-def trial_runs(client: MlflowClient, study: str) -> dict[int, object]:
+def trial_runs(client: Any, study: str) -> dict[int, object]:
     exp = client.get_experiment_by_name(study)
     return {int(r.data.tags[TAG_TRIAL]): r for r in client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")}
 
 
-def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
@@ -76,7 +73,7 @@ def test_shared_grid_point_is_trained_once_and_copied_whole(tmp_path):
     storage = a.storage
     ta = {t.params["objective.w"]: t for t in optuna.load_study(study_name="_cache_a", storage=storage).get_trials()}
     tb = optuna.load_study(study_name="_cache_b", storage=storage).get_trials()
-    client = MlflowClient(a.tracking_uri)
+    client = mlflow_client(a.tracking_uri)
     runs_a, runs_b = trial_runs(client, "_cache_a"), trial_runs(client, "_cache_b")
     src, src_run = ta[1.5], runs_a[ta[1.5].number]
     label = f"_cache_a/{src.number}/{src_run.info.run_id}"
@@ -154,8 +151,8 @@ def test_config_hash_ignores_exactly_the_non_semantic_keys():
     as_int = json.loads(json.dumps(cfg))
     as_int["objective"]["w"] = 1  # w: 1 and w: 1.0 are one config
     assert cfg["objective"]["w"] == 1.0 and config_hash(as_int, ENTRY, HOOK) == base
-    assert config_hash(cfg, ENTRY, "mgbench.study.testing:w_eval_hook") != base
-    assert config_hash(cfg, "mgbench.study.testing:sleep_train", HOOK) != base
+    assert config_hash(cfg, ENTRY, "mgbench.evaluation.quick:w_eval_hook") != base
+    assert config_hash(cfg, "mgbench_standins:sleep_train", HOOK) != base
 
 
 def test_reuse_must_be_a_boolean(tmp_path):

@@ -13,15 +13,15 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import PYTHONPATH, ROOT, STUDIES
 
 from mgbench import tracking as T
 from mgbench.study.runner import EVENTS_FILE, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
+from mgbench.tracking import mlflow_client
 
-ROOT = Path(__file__).resolve().parents[1]
-GRID2D = ROOT / "studies" / "base" / "grid2d.yaml"
+GRID2D = STUDIES / "base" / "grid2d.yaml"
 LIMIT_BYTES = 4096    # far below a grid2d checkpoint (an MLP-S, its EMA and AdamW state)
 FIRST_CKPT = 10       # the first attempt writes this checkpoint, then meets the limit at the next one
 FIRST_ATTEMPT = "first_attempt"  # in the trial's folder: written by the first execution of fsize_train
@@ -60,8 +60,8 @@ def diskfull_spec(tmp_path: Path, max_retries: int):
             "base": {"optim": {"batch_size": 64}, "sample": {"steps": 4, "n_grid": 16},
                      "train": {"steps": 30, "log_every": 10, "ckpt_every": 10, "device": "cpu"}},
             "space": {"objective.w": [1.0]}, "sampler": "grid", "max_retries": max_retries,
-            "objective": {"metric": "off_class", "direction": "minimize"},
-            "entry": "test_study_diskfull:fsize_train", "eval_hook": "mgbench.study.testing:quick_eval_hook",
+            "optimize": {"metric": "off_class", "direction": "minimize"},
+            "entry": "test_study_diskfull:fsize_train", "eval_hook": "mgbench.evaluation.quick:quick_eval_hook",
             "executor": "local", "parallelism": 1, "poll_s": 0.2, "out_dir": str(tmp_path / "study")}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     return load_spec(tmp_path / "spec.yaml")
@@ -70,7 +70,7 @@ def diskfull_spec(tmp_path: Path, max_retries: int):
 @pytest.fixture
 def job_path(monkeypatch):
     """The local executor's jobs import this module (the spec's entry) and mgbench."""
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{ROOT / 'tests'}")
+    monkeypatch.setenv("PYTHONPATH", PYTHONPATH)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
@@ -94,7 +94,7 @@ def test_a_checkpoint_write_failure_is_retried_from_the_latest_checkpoint(tmp_pa
     # The retry resumed from the first attempt's step-10 checkpoint; no partial file was left behind.
     ckpts = sorted(p.name for p in (folder / "checkpoints").iterdir())
     assert ckpts == ["ckpt_00000020.pt", "ckpt_00000030.pt"]
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     resumed = client.get_metric_history(rec["run_id"], T.M_RESUMED)
     assert [(m.step, m.value) for m in resumed] == [(FIRST_CKPT, float(FIRST_CKPT))]
     run = client.get_run(rec["run_id"])
@@ -114,7 +114,7 @@ def test_checkpoint_write_failures_count_against_max_retries(tmp_path, job_path)
     failed = [line for line in lines if "marked failed" in line]
     assert len(failed) == 1 and "stopped (cannot write checkpoint" in failed[0] and "max_retries 0" in failed[0]
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["ckpt_00000010.pt"]
-    run = MlflowClient(spec.tracking_uri).get_run(read_json(folder / "trial.json")["run_id"])
+    run = mlflow_client(spec.tracking_uri).get_run(read_json(folder / "trial.json")["run_id"])
     assert run.info.status == "FAILED" and "cannot write checkpoint" in run.data.tags["mgbench.error"]
 
 

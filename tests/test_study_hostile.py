@@ -19,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mgbench.cli import main as mgbench_main
@@ -27,17 +26,14 @@ from mgbench.config import ConfigError, load_yaml
 from mgbench.redact import mask_uri, redact
 from mgbench.study.spec import load_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
 SPEC = "study.yaml"
 SLURM = {"type": "slurm", "partition": "gpu"}
 PASSWORD = "s3cr3t-Pw"
 PG = f"postgresql://alice:{PASSWORD}@db.example:5432/optuna"
 NEEDS_SRUN = pytest.mark.skipif(shutil.which("srun") is None, reason="submitit checks a profile with a SLURM "
                                 "executor, which needs srun (bash slurm/cluster.sh install)")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def _fill(value, tmp: Path):

@@ -11,10 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import STUDIES, TEST_STUDIES
+from mgbench_standins import EXECUTIONS_FILE
+from mgbench.tracking import mlflow_client
 from optuna.trial import TrialState
 
 from mgbench.study.cli import main as study_main
@@ -25,17 +26,15 @@ from mgbench.study.outcomes import UA_CANCELLED, UA_RETRY_OF, UA_SUBMIT_ERROR, c
 from mgbench.study.runner import EVENTS_FILE, Driver, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.status import status_rows
-from mgbench.study.testing import EXECUTIONS_FILE
 from mgbench.study.trial import read_json, write_json
 from mgbench.tracking import TAG_ROLE, TAG_STATUS
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
 FORK = multiprocessing.get_context("fork")
 
 
 def spec_file(tmp_path: Path, steps: list[int], executor: object = "local", parallelism: int = 2, **extra) -> Path:
     """_test_sleep.yaml as a file: a grid over train.steps (sleep milliseconds), journal storage in out_dir."""
-    raw = yaml.safe_load((STUDIES / "_test_sleep.yaml").read_text())
+    raw = yaml.safe_load((TEST_STUDIES / "_test_sleep.yaml").read_text())
     out = tmp_path / "study"
     raw.update({"extends": str(STUDIES / "base" / "grid2d.yaml"), "out_dir": str(out),
                 "space": {"train.steps": {"grid": steps}},
@@ -61,7 +60,7 @@ def events(spec) -> list[dict]:
 
 
 def trial_runs(spec) -> list:
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.name)
     return client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
 
@@ -140,7 +139,7 @@ def test_study_cancel_kills_the_job_ends_cancelled_and_only_retry_runs_it_again(
     assert len(rec["jobs"]) == 1 and rec["deaths"] == 0 and rec["cancel"]["by"] == "mgbench study cancel"
     assert read_json(folder(spec, 0) / "result.json")["status"] == "cancelled"
     assert executions(spec, 0) == 1 and not (folder(spec, 0) / "timing.json").exists()  # it never finished
-    run = MlflowClient(spec.tracking_uri).get_run(rec["run_id"])
+    run = mlflow_client(spec.tracking_uri).get_run(rec["run_id"])
     assert run.info.status == "KILLED" and run.data.tags[TAG_STATUS] == "cancelled"
     assert [e["trial"] for e in events(spec) if e["event"] == "resubmit"] == []
     assert [(r["trial"], r["state"]) for r in status_rows(spec)] == [(0, "CANCELLED"), (1, "COMPLETE")]
@@ -275,7 +274,7 @@ def test_slurm_outside_scancel_ends_the_trial_cancelled_not_resubmitted(tmp_path
     assert t0.state == TrialState.FAIL and said.startswith("cancelled outside mgbench: job ") and "CANCELLED" in said
     rec = read_json(folder(spec, 0) / "trial.json")
     assert len(rec["jobs"]) == 1 and rec["deaths"] == 0 and executions(spec, 0) == 1
-    run = MlflowClient(spec.tracking_uri).get_run(rec["run_id"])
+    run = mlflow_client(spec.tracking_uri).get_run(rec["run_id"])
     assert run.info.status == "KILLED" and run.data.tags[TAG_STATUS] == "cancelled"
     assert status_rows(spec)[0]["state"] == "CANCELLED"
 

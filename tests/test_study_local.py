@@ -11,15 +11,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import PYTHONPATH, STUDIES, TEST_STUDIES
 
 from mgbench.study.runner import EVENTS_FILE, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
-from mgbench.tracking import TAG_ROLE, TAG_STATUS
+from mgbench.tracking import TAG_ROLE, TAG_STATUS, mlflow_client
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
-ROOT = STUDIES.parent
 
 
 def events(out: Path) -> list[dict]:
@@ -33,7 +31,7 @@ def trial_folder(out: Path, number: int) -> Path:
 
 def test_no_idle_slots_with_trials_of_different_lengths(tmp_path):
     out = tmp_path / "study"
-    spec = load_spec(STUDIES / "_test_sleep.yaml", {"out_dir": str(out)})
+    spec = load_spec(TEST_STUDIES / "_test_sleep.yaml", {"out_dir": str(out)})
     summary = run_study(spec, echo=lambda s: None)
     assert summary.n_complete == 3
     steps = {n: read_json(trial_folder(out, n) / "trial.json")["params"]["train.steps"] for n in range(3)}
@@ -61,8 +59,8 @@ def test_resume_after_killed_driver(tmp_path):
     overrides = {"space": {"train.steps": {"grid": [2500, 2501, 2502]}}, "sampler": "grid",
                  "storage": f"journal:///{out / 'optuna.log'}"}
     spec_path = tmp_path / "spec.yaml"
-    text = (STUDIES / "_test_sleep.yaml").read_text().replace("extends: base/grid2d.yaml",
-                                                               f"extends: {STUDIES / 'base' / 'grid2d.yaml'}")
+    text = (TEST_STUDIES / "_test_sleep.yaml").read_text().replace("extends: ../../studies/base/grid2d.yaml",
+                                                                    f"extends: {STUDIES / 'base' / 'grid2d.yaml'}")
     spec_path.write_text(text)
     spec = load_spec(spec_path, {"out_dir": str(out), **overrides})
     # The driver reads the spec file: write the overrides into it.
@@ -72,7 +70,7 @@ def test_resume_after_killed_driver(tmp_path):
     raw["out_dir"] = str(out)
     spec_path.write_text(yaml.safe_dump(raw))
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     driver = subprocess.Popen([sys.executable, "-m", "mgbench.study.cli", "study", "run", str(spec_path)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -97,7 +95,7 @@ def test_resume_after_killed_driver(tmp_path):
     assert rec["deaths"] == 1 and len(rec["jobs"]) == 2 and rec["run_id"] == victim["run_id"]
     assert read_json(trial_folder(out, victim["trial"]) / "timing.json")["pid"] != victim["pid"]
 
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name("_test_sleep")
     runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
     assert len(runs) == 3 and {r.data.tags[TAG_STATUS] for r in runs} == {"finished"}

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mgbench_env
 
 from mgbench.cli import main as mgbench_main
 from mgbench.study.preflight import (MIN_FREE_GIB, check_environment, disk_problem, folder_problem, job_world_size,
                                      server_problem)
 from mgbench.study.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -75,7 +75,7 @@ def mount_tmpfs(tmp_path):
 def test_an_unreachable_tracking_server_is_one_line_and_nothing_is_created(good_study, tmp_path):
     port = _free_port()  # nothing listens there
     spec = _good(good_study, tmp_path, tracking_uri=f"http://127.0.0.1:{port}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = mgbench_env()
     proc = subprocess.run([sys.executable, "-m", "mgbench", "study", "run", str(spec)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -215,7 +215,7 @@ def _imagefolder_spec(tmp: Path, good_study: dict, base: dict, space: dict, exec
                      "train": {"steps": 10, "device": "cpu"}, **base}}
     for key in ("extends", "eval_hook"):  # mgbench's own evaluation: its weights file is checked
         spec.pop(key)
-    spec["objective"] = {"metric": "fid", "direction": "minimize"}
+    spec["optimize"] = {"metric": "fid", "direction": "minimize"}
     return _write_spec(tmp, spec)
 
 

@@ -1,26 +1,20 @@
 """A pruned trial is reported as pruned (its MLflow run ends KILLED; the mgbench.status tag says why)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import STUDIES
 
 from mgbench.report.load import load_runs, tidy_runs
 from mgbench.study.runner import run_study
 from mgbench.study.spec import load_spec
-from mgbench.tracking import STATUS_TO_MLFLOW, TAG_STATUS
+from mgbench.tracking import STATUS_TO_MLFLOW, TAG_STATUS, mlflow_client
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def test_pruned_trial_loads_as_pruned(tmp_path):
@@ -31,9 +25,9 @@ def test_pruned_trial_loads_as_pruned(tmp_path):
             "base": {"optim": {"batch_size": 64}, "sample": {"steps": 5, "n_grid": 16},
                      "train": {"steps": 40, "eval_every": 10, "log_every": 10, "ckpt_every": 40, "device": "cpu"}},
             "space": {"objective.w": [1.0, 1.2, 1.8]}, "sampler": {"type": "grid", "seed": 5},
-            "objective": {"metric": "w", "direction": "minimize"},
+            "optimize": {"metric": "w", "direction": "minimize"},
             "pruning": {"type": "median", "n_startup_trials": 2},
-            "eval_hook": "mgbench.study.testing:w_eval_hook", "executor": "debug", "parallelism": 1, "poll_s": 0.1,
+            "eval_hook": "mgbench.evaluation.quick:w_eval_hook", "executor": "debug", "parallelism": 1, "poll_s": 0.1,
             "out_dir": str(tmp_path / "study")}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     s = load_spec(tmp_path / "spec.yaml")
@@ -48,7 +42,7 @@ def test_pruned_trial_loads_as_pruned(tmp_path):
     assert status == {1.0: "finished", 1.2: "finished", 1.8: "pruned"}
     pruned = df[df["objective.w"] == 1.8].iloc[0]
     assert pruned["mlflow_status"] == "KILLED" and pruned[TAG_STATUS] == "pruned"
-    assert MlflowClient(s.tracking_uri).get_run(pruned["run_id"]).info.status == STATUS_TO_MLFLOW["pruned"]
+    assert mlflow_client(s.tracking_uri).get_run(pruned["run_id"]).info.status == STATUS_TO_MLFLOW["pruned"]
     assert df.loc[df["objective.w"] == 1.0, "eval/w"].tolist() == [1.0]
 
 

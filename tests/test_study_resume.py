@@ -6,20 +6,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
-from mlflow.tracking import MlflowClient
+from conftest import STUDIES, TEST_STUDIES, mgbench_env
 
 from mgbench.study.runner import EVENTS_FILE, Driver, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
-from mgbench.tracking import TAG_ROLE, TAG_STATUS
+from mgbench.tracking import TAG_ROLE, TAG_STATUS, mlflow_client
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def events(out: Path) -> list[dict]:
@@ -28,9 +23,9 @@ def events(out: Path) -> list[dict]:
 
 def test_median_pruning_on_intermediate_evaluations(tmp_path):
     out = tmp_path / "study"
-    spec = load_spec(STUDIES / "_test_grid.yaml", {
-        "out_dir": str(out), "parallelism": 1, "eval_hook": "mgbench.study.testing:w_eval_hook",
-        "objective": {"metric": "w", "direction": "minimize"},
+    spec = load_spec(TEST_STUDIES / "_test_grid.yaml", {
+        "out_dir": str(out), "parallelism": 1, "eval_hook": "mgbench.evaluation.quick:w_eval_hook",
+        "optimize": {"metric": "w", "direction": "minimize"},
         "space": {"objective.w": {"grid": [1.2, 1.0, 1.6, 1.4]}}, "sampler": {"type": "grid", "seed": 3},
         "pruning": {"type": "median", "n_startup_trials": 1},
         "base": {"train": {"steps": 40, "eval_every": 10, "log_every": 10, "ckpt_every": 40, "device": "cpu"},
@@ -40,7 +35,7 @@ def test_median_pruning_on_intermediate_evaluations(tmp_path):
     trials = study.get_trials()
     assert len(trials) == 4 and summary.n_complete + summary.n_pruned == 4
     best_so_far = float("inf")
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     for t in trials:  # run one at a time: a trial is pruned iff it is worse than the median of the earlier ones
         w = t.params["objective.w"]
         run_id = read_json(out / "trials" / f"{t.number:04d}" / "trial.json")["run_id"]
@@ -56,7 +51,7 @@ def test_median_pruning_on_intermediate_evaluations(tmp_path):
 
 def test_resume_resubmits_lost_jobs_and_reruns_nothing_finished(tmp_path):
     out = tmp_path / "study"
-    spec = load_spec(STUDIES / "_test_sleep.yaml", {
+    spec = load_spec(TEST_STUDIES / "_test_sleep.yaml", {
         "out_dir": str(out), "executor": "debug", "space": {"train.steps": {"grid": [10, 20, 30, 40]}}})
     # A driver that submits, finishes two trials, refills both slots and then dies (debug jobs die with it).
     first = Driver(spec, echo=lambda s: None)
@@ -81,7 +76,7 @@ def test_resume_resubmits_lost_jobs_and_reruns_nothing_finished(tmp_path):
     kinds = [(e["event"], e["trial"]) for e in events(out)]
     assert kinds.count(("resubmit", 2)) == 1 and kinds.count(("resubmit", 3)) == 1
     assert ("submit", 0) not in kinds[4:] and ("submit", 1) not in kinds[4:]
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name("_test_sleep")
     runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'")
     assert len(runs) == 4 and {r.data.tags[TAG_STATUS] for r in runs} == {"finished"}
@@ -89,8 +84,8 @@ def test_resume_resubmits_lost_jobs_and_reruns_nothing_finished(tmp_path):
 
 def test_failed_trial_is_told_and_tagged(tmp_path):
     out = tmp_path / "study"
-    spec = load_spec(STUDIES / "_test_sleep.yaml", {
-        "out_dir": str(out), "executor": "debug", "objective": {"metric": "fid"},
+    spec = load_spec(TEST_STUDIES / "_test_sleep.yaml", {
+        "out_dir": str(out), "executor": "debug", "optimize": {"metric": "fid"},
         "space": {"train.steps": {"grid": [10]}}})
     summary = run_study(spec, echo=lambda s: None)
     assert (summary.n_complete, summary.n_failed) == (0, 1)
@@ -98,7 +93,7 @@ def test_failed_trial_is_told_and_tagged(tmp_path):
     assert res["status"] == "failed" and res["error"] == "objective metric 'fid' not in ['loss']"
     (t,) = optuna.load_study(study_name="_test_sleep", storage=spec.storage).get_trials()
     assert t.state == optuna.trial.TrialState.FAIL
-    run = MlflowClient(spec.tracking_uri).get_run(read_json(out / "trials" / "0000" / "trial.json")["run_id"])
+    run = mlflow_client(spec.tracking_uri).get_run(read_json(out / "trials" / "0000" / "trial.json")["run_id"])
     assert run.data.tags[TAG_STATUS] == "failed" and run.info.status == "FAILED"
 
 
@@ -109,7 +104,7 @@ def _spec_file(tmp_path: Path, out: Path) -> Path:
     """_test_sleep.yaml as a file the driver process reads: 4 trials, 2 at a time, journal storage."""
     import yaml
 
-    raw = yaml.safe_load((STUDIES / "_test_sleep.yaml").read_text())
+    raw = yaml.safe_load((TEST_STUDIES / "_test_sleep.yaml").read_text())
     raw.update({"extends": str(STUDIES / "base" / "grid2d.yaml"), "out_dir": str(out),
                 "space": {"train.steps": {"grid": [1000, 1001, 6000, 6001]}},
                 "sampler": {"type": "grid", "seed": 4},  # seed 4 asks the two 1 s trials first
@@ -173,7 +168,7 @@ def test_driver_sigkilled_after_2_of_4_trials_rerun_finishes_the_other_2(tmp_pat
 
     out = tmp_path / "study"
     spec_path = _spec_file(tmp_path, out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = mgbench_env()
     cmd = [sys.executable, "-m", "mgbench.cli", "study", "run", str(spec_path)]
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -195,7 +190,7 @@ def test_driver_sigkilled_after_2_of_4_trials_rerun_finishes_the_other_2(tmp_pat
         assert before[n]["result"]["status"] == "finished" and before[n]["executions"] == 1
     for n in (2, 3):
         assert before[n]["result"] is None and len(before[n]["trial"]["jobs"]) == 1
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     ended = {n: client.get_run(before[n]["trial"]["run_id"]).info.end_time for n in (0, 1)}
     n_events = len(events(out))
 

@@ -7,19 +7,18 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
+from conftest import TEST_STUDIES
 
 from mgbench.study.runner import Driver, run_study
 from mgbench.study.spec import load_spec
 from mgbench.study.trial import read_json
-from mgbench.tracking import TAG_ROLE, TAG_SLURM_JOB, TAG_TRIAL
+from mgbench.tracking import TAG_ROLE, TAG_SLURM_JOB, TAG_TRIAL, mlflow_client
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300), pytest.mark.usefixtures("slurm_cluster")]
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def slurm_spec(tmp_path: Path, steps: list[int], parallelism: int = 2):
-    return load_spec(STUDIES / "_test_sleep.yaml", {
+    return load_spec(TEST_STUDIES / "_test_sleep.yaml", {
         "out_dir": str(tmp_path / "study"), "executor": {"type": "slurm", "profile": "local"},
         "space": {"train.steps": {"grid": steps}}, "sampler": "grid", "parallelism": parallelism, "poll_s": 0.5})
 
@@ -33,7 +32,7 @@ def test_grid_goes_out_as_one_job_array(tmp_path):
     assert all(len(j) == 1 for j in jobs.values())
     array_ids = {j[0]["job_id"].split("_")[0] for j in jobs.values()}
     assert len(array_ids) == 1 and sorted(j[0]["job_id"].split("_")[1] for j in jobs.values()) == ["0", "1", "2"]
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name("_test_sleep")
     for run in client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'"):
         n = int(run.data.tags[TAG_TRIAL])

@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import STUDIES, TEST_STUDIES
 
 from mgbench.config import ConfigError
 from mgbench.study.cli import main as study_main
@@ -12,7 +13,6 @@ from mgbench.study.executors import check_executor, executor_params
 from mgbench.study.spec import grid_points, load_spec
 from mgbench.study.status import dry_run
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def write_spec(tmp_path: Path, body: str, name: str = "spec.yaml") -> Path:
@@ -30,7 +30,7 @@ GOOD = textwrap.dedent("""
     space:
       objective.w: {grid: [1.0, 1.5]}
     sampler: grid
-    objective: {metric: off_support}
+    optimize: {metric: off_support}
 """)
 
 
@@ -64,8 +64,9 @@ def test_extends_with_inline_overrides(tmp_path):
     ("base:\n  optim: {lrr: 1}\n", "spec.yaml:base.optim.lrr: unknown key"),
     ("base:\n  train: {steps: many}\n", "spec.yaml:base.train.steps: expected an integer"),
     ("sampler: bayes\n", "spec.yaml:sampler: 'bayes' is not one of grid, tpe, random"),
-    ("objective: {metric: fid, direction: up}\n", "spec.yaml:objective.direction: 'up' is not one of"),
-    ("objective: {metrc: fid}\n", "spec.yaml:objective.metrc: unknown key"),
+    ("optimize: {metric: fid, direction: up}\n", "spec.yaml:optimize.direction: 'up' is not one of"),
+    ("optimize: {metrc: fid}\n", "spec.yaml:optimize.metrc: unknown key"),
+    ("objective: {metric: fid}\n", "spec.yaml:objective: renamed `optimize` in study specs"),
     ("n_trials: 3\n", "spec.yaml:n_trials: 3 is more than the grid size 2"),
     ("executor: cloud\n", "spec.yaml:executor.type: 'cloud' is not one of local, debug, slurm"),
     ("storage: optuna.db\n", "spec.yaml:storage: expected a URI"),
@@ -75,7 +76,7 @@ def test_extends_with_inline_overrides(tmp_path):
 ])
 def test_validation_errors_name_file_and_field(tmp_path, extra, expected):
     body = GOOD
-    if extra.startswith(("space:", "base:", "objective:", "sampler:")):  # replace the key, keep the rest
+    if extra.startswith(("space:", "base:", "optimize:", "sampler:")):  # replace the key, keep the rest
         key = extra.split(":", 1)[0]
         lines, skip = [], False
         for line in body.splitlines():
@@ -109,7 +110,7 @@ def test_range_space_checks_corners_and_needs_n_trials(tmp_path):
 
 
 def test_search_spec_from_repo():
-    spec = load_spec(STUDIES / "_test_search.yaml", {"out_dir": "/tmp/never-created"})
+    spec = load_spec(TEST_STUDIES / "_test_search.yaml", {"out_dir": "/tmp/never-created"})
     assert spec.n_trials == 8 and spec.sampler.seed == 0 and spec.pruning.type == "median"
     assert spec.space["train.seed"].values == [0, 1]
     text = dry_run(spec)
@@ -129,11 +130,11 @@ def test_executor_options_checked_by_submitit(tmp_path):
 
 def test_slurm_dry_run_prints_array_sbatch(tmp_path, capsys):
     out = tmp_path / "out"
-    spec = load_spec(STUDIES / "_test_slurm.yaml", {"out_dir": str(out)})
+    spec = load_spec(TEST_STUDIES / "_test_slurm.yaml", {"out_dir": str(out)})
     params = executor_params(spec)
     assert params["gpus_per_node"] == 1 and params["slurm_partition"] == "gpu"
     assert params["slurm_additional_parameters"] == {"requeue": True}
-    rc = study_main(["study", "run", str(STUDIES / "_test_slurm.yaml"), "--dry-run", "--out-dir", str(out)])
+    rc = study_main(["study", "run", str(TEST_STUDIES / "_test_slurm.yaml"), "--dry-run", "--out-dir", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
     for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --array=0-3%2", "#SBATCH --time=30",
@@ -165,7 +166,7 @@ BUNDLES = textwrap.dedent("""
           - {objective.w: 1.5, model.w_input: true, objective.w_range: [1.0, 1.9]}
       train.seed: {grid: [0, 1]}
     sampler: grid
-    objective: {metric: off_support}
+    optimize: {metric: off_support}
 """)
 
 

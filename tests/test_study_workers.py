@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,30 +14,24 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import STUDIES, TEST_STUDIES, mgbench_env
+from mgbench_standins import EXECUTIONS_FILE
 
 from mgbench.study.optuna_io import make_storage
 from mgbench.study.runner import EVENTS_FILE, OWNER_ATTR, run_study
 from mgbench.study.spec import load_spec
-from mgbench.study.testing import EXECUTIONS_FILE
 from mgbench.study.trial import A_ERROR, TAG_ERROR, read_json
-from mgbench.tracking import TAG_ROLE, TAG_STATUS, TAG_TRIAL
+from mgbench.tracking import TAG_PARENT, TAG_ROLE, TAG_STATUS, TAG_TRIAL, mlflow_client
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "studies"
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
 N = 20
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 def write_spec(tmp: Path, **overrides) -> Path:
     """_test_sleep.yaml with overrides, as a file the driver processes read (extends made absolute)."""
-    raw = yaml.safe_load((STUDIES / "_test_sleep.yaml").read_text())
+    raw = yaml.safe_load((TEST_STUDIES / "_test_sleep.yaml").read_text())
     raw["extends"] = str(STUDIES / "base" / "grid2d.yaml")
     raw["out_dir"] = str(tmp / "out")
     raw.update(overrides)
@@ -70,7 +63,7 @@ def test_two_drivers_on_one_storage_run_20_trials_once_each(tmp_path, storage, s
     uri = f"journal:///{out / 'optuna.log'}" if storage == "journal" else f"sqlite:///{out / 'optuna.db'}"
     path = write_spec(tmp_path, space={"train.steps": {"grid": steps}}, sampler={"type": "grid", "seed": 5},
                       storage=uri, executor="debug", parallelism=2, poll_s=0.1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = mgbench_env()
     cmd = [sys.executable, "-m", "mgbench.cli", "study", "run", str(path)]
     logs = [open(tmp_path / f"driver{i}.log", "w") for i in range(2)]
     drivers = []
@@ -113,7 +106,7 @@ def test_two_drivers_on_one_storage_run_20_trials_once_each(tmp_path, storage, s
     assert {e["event"] for e in events} == {"submit", "end"}
 
     # MLflow: one parent run; exactly one nested run per trial, the one trial.json names, finished.
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = mlflow_client(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("_test_sleep")
     (parent,) = client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'study'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["study/n_complete"] == N
@@ -122,7 +115,7 @@ def test_two_drivers_on_one_storage_run_20_trials_once_each(tmp_path, storage, s
     for r in runs:
         n = int(r.data.tags[TAG_TRIAL])
         assert r.info.run_id == read_json(out / "trials" / f"{n:04d}" / "trial.json")["run_id"]
-        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags[TAG_PARENT] == parent.info.run_id
         assert r.info.status == "FINISHED" and r.data.tags[TAG_STATUS] == "finished"
 
 
@@ -135,8 +128,8 @@ def _wait_for_submit(out: Path, driver: subprocess.Popen, timeout: float = 120) 
 
 def test_a_trial_that_raises_has_its_error_in_mlflow(tmp_path):
     out = tmp_path / "out"
-    spec = load_spec(STUDIES / "_test_sleep.yaml", {
-        "out_dir": str(out), "executor": "debug", "entry": "mgbench.study.testing:failing_train",
+    spec = load_spec(TEST_STUDIES / "_test_sleep.yaml", {
+        "out_dir": str(out), "executor": "debug", "entry": "mgbench_standins:failing_train",
         "space": {"train.steps": {"grid": [10]}}})
     summary = run_study(spec, echo=lambda s: None)
     assert (summary.n_complete, summary.n_failed) == (0, 1)
@@ -147,7 +140,7 @@ def test_a_trial_that_raises_has_its_error_in_mlflow(tmp_path):
     error = "RuntimeError: _test_sleep-0000: training diverged at step 0 (failing_train)"
     assert read_json(folder / "result.json")["error"] == error
 
-    client = MlflowClient(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     run = client.get_run(read_json(folder / "trial.json")["run_id"])
     assert run.info.status == "FAILED" and run.data.tags[TAG_STATUS] == "failed"
     assert run.data.tags[TAG_ERROR] == error

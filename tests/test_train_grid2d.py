@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, STUDIES
 
 from mgbench.trainer.data import Grid2D
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(out_dir: Path, *sets: str) -> tuple[float, np.ndarray, np.ndarray]:
-    cmd = [sys.executable, "-m", "mgbench.cli", "train", str(ROOT / "studies/base/grid2d.yaml"),
+    cmd = [sys.executable, "-m", "mgbench.cli", "train", str(STUDIES / "base/grid2d.yaml"),
            "--set", f"out_dir={out_dir}", "--no-eval", "--print-every", "10", *sets]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=600)

@@ -19,7 +19,6 @@ from mgbench.trainer.checkpoint import latest_checkpoint, list_checkpoints, load
 from mgbench.trainer.loop import TrainingDiverged, train
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(out_dir, **over):

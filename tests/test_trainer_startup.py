@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mgbench_env
 
 from mgbench.config import ConfigError, TrainConfig, train_config_from_dict
+from mgbench.evaluation.hook import startup_problems
 from mgbench.trainer.checkpoint import CheckpointWriteError, list_checkpoints, load_checkpoint, save_checkpoint
 from mgbench.trainer.data import load_dataset
 from mgbench.trainer.models import build_model
 from mgbench.trainer.startup import (BUILTIN_DATA, check_startup, class_folders, clear_caches, model_problem,
                                      require_startup, vae_latent_shape)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp: Path, **sections) -> TrainConfig:
@@ -147,13 +148,13 @@ def test_batch_must_split_over_the_ranks(tmp_path):
 def test_evaluation_weights_and_reference_files(tmp_path):
     cfg = _cfg(tmp_path, data={"name": "digits"}, model={"arch": "DiT-XS/2"},
                eval={"extractor": "inception", "reference": str(tmp_path / "ref.npz")})
-    problems = check_startup(cfg)
+    problems = startup_problems(cfg)   # the evaluation hook's own checks, one layer above the trainer's
     assert [p.split(":")[0] for p in problems] == ["eval.inception_weights", "eval.reference"]
-    assert check_startup(cfg, evaluation=False) == []
+    assert check_startup(cfg) == []
     (tmp_path / "w.pth").write_bytes(b"x")
     (tmp_path / "ref.npz").write_bytes(b"x")
     cfg.eval.inception_weights = str(tmp_path / "w.pth")
-    assert check_startup(cfg) == []
+    assert startup_problems(cfg) == []
 
 
 def test_a_config_error_is_reported_by_its_field(tmp_path):
@@ -223,7 +224,7 @@ def test_a_file_size_limit_mid_run_leaves_a_resumable_run(tmp_path):
 
     cfg.train.steps = 4
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = mgbench_env()
     proc = subprocess.run([sys.executable, "-c", _LIMITED, str(tmp_path / "cfg.yaml")], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 3, proc.stderr[-2000:]

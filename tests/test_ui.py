@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STUDIES, TEST_STUDIES
 
 from mgbench.ui import (DEFAULT_PORT, UiError, add_dashboard_parser, add_ui_parser, check_port_free, dashboard_command,
                         free_port, group_members, mark_study_experiment, resolve_args, runs_page_link, server_command,
                         start_dashboard, store_for_study)
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "studies"
 
 
 def listening_socket(port: int = 0) -> socket.socket:
@@ -79,7 +78,7 @@ def test_parser_defaults_and_store_of_a_study(tmp_path, monkeypatch):
 
     # A study spec with the default (sqlite) tracking URI: serve its store and its artifact folder.
     out = (tmp_path / "runs" / "_test_ui").resolve()
-    assert store_for_study(STUDIES / "_test_ui.yaml") == (f"sqlite:///{out / 'mlflow.db'}", str(out / "mlartifacts"),
+    assert store_for_study(TEST_STUDIES / "_test_ui.yaml") == (f"sqlite:///{out / 'mlflow.db'}", str(out / "mlartifacts"),
                                                           None)
     # A spec that logs through a server: serve its folder's store on the port its URI names.
     spec = tmp_spec(tmp_path, "tracking_uri: http://127.0.0.1:5431")
@@ -109,11 +108,11 @@ def test_group_members_sees_a_live_group_and_not_a_dead_one():
 
 
 def tmp_spec(tmp_path: Path, extra: str = "") -> Path:
-    """studies/_test_ui.yaml with its base given by absolute path, out_dir in tmp_path, and `extra` lines."""
+    """tests/studies/_test_ui.yaml with its base given by absolute path, out_dir in tmp_path, and `extra` lines."""
     spec = tmp_path / "spec.yaml"
-    spec.write_text((STUDIES / "_test_ui.yaml").read_text().replace(
-        "extends: base/grid2d.yaml", f"extends: {STUDIES / 'base' / 'grid2d.yaml'}\nout_dir: {tmp_path / 'study'}"
-                                     + (f"\n{extra}" if extra else "")))
+    spec.write_text((TEST_STUDIES / "_test_ui.yaml").read_text().replace(
+        "extends: ../../studies/base/grid2d.yaml",
+        f"extends: {STUDIES / 'base' / 'grid2d.yaml'}\nout_dir: {tmp_path / 'study'}" + (f"\n{extra}" if extra else "")))
     return spec
 
 
@@ -159,7 +158,7 @@ def test_study_ui_tags_open_the_classic_view_with_params_and_objective_columns(t
     spec = tmp_path / "bundles.yaml"
     spec.write_text(f"name: bundles\nextends: {STUDIES / 'base' / 'grid2d.yaml'}\nout_dir: {tmp_path / 'b'}\n"
                     "space:\n  variant: {grid: [{objective.w: 1.0}, {objective.w: 1.5, objective.label_drop: 0.2}]}\n"
-                    "  train.seed: {grid: [0, 1]}\nsampler: grid\nobjective: {metric: in_class, direction: maximize}\n")
+                    "  train.seed: {grid: [0, 1]}\nsampler: grid\noptimize: {metric: in_class, direction: maximize}\n")
     _, state = view_of(study_ui_tags(load_spec(spec)))
     assert state["selectedColumns"] == ["params.`objective.w`", "params.`objective.label_drop`", "params.`train.seed`",
                                         "metrics.`eval/in_class`", "metrics.`eval/in_class_se`"]
@@ -167,21 +166,21 @@ def test_study_ui_tags_open_the_classic_view_with_params_and_objective_columns(t
 
 
 def test_study_experiment_is_created_with_the_ui_tags_and_an_older_one_gets_them(tmp_path):
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     from mgbench.study import runs
     from mgbench.study.spec import load_spec
 
     spec = load_spec(tmp_spec(tmp_path))
     exp_id = runs.experiment_id(runs.client(spec), spec)  # what `study run` does first
-    tags = MlflowClient(spec.tracking_uri).get_experiment(exp_id).tags
+    tags = mlflow_client(spec.tracking_uri).get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["mgbench.study"] == "_test_ui"
     assert view_of(tags)[1]["selectedColumns"] == TEST_UI_COLUMNS
     # An experiment made before these tags existed: `mgbench ui --study` adds them.
     (tmp_path / "old").mkdir()
     other = load_spec(tmp_spec(tmp_path / "old"))
-    client = MlflowClient(other.tracking_uri)
+    client = mlflow_client(other.tracking_uri)
     assert mark_study_experiment(other.tracking_uri, other) is None  # no experiment yet: nothing is created
     assert client.get_experiment_by_name("_test_ui") is None
     old_id = client.create_experiment("_test_ui")

@@ -1,6 +1,6 @@
 """The MLflow UI of a real tiny study, checked in headless Chromium: trials, metric charts, sample images.
 
-One server (start_ui on a free port) for the module; the study `studies/_test_ui.yaml` logs THROUGH its
+One server (start_ui on a free port) for the module; the study `tests/studies/_test_ui.yaml` logs THROUGH its
 HTTP URI (params, metrics and artifacts over REST), with mgbench's own evaluation at 2 sample seeds (so the
 objective has an SE) and a CFG sweep (so sample grids come as npz + PNG); Selenium then reads the React pages.
 Screenshots land in the test's tmp dir and in reports/ui/ for the record (runs_page.png: the printed link).
@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TEST_STUDIES
 
+from mgbench.tracking import TAG_PARENT
 from mgbench.ui import UiError, check_port_free, free_port, group_members, runs_page_link, start_ui, study_link_lines
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 REPORTS = ROOT / "reports" / "ui"
 TRIALS = ["w=1.00 lambda=0.10", "w=1.50 lambda=0.10"]  # the run names of the two trials of _test_ui.yaml
@@ -51,9 +52,9 @@ def server(tmp_path_factory):
     t0 = time.monotonic()
     srv = start_ui(f"sqlite:///{tmp / 'mlflow.db'}", tmp / "artifacts", port=free_port(), log_path=tmp / "server.log")
     print(f"\nserver up in {time.monotonic() - t0:.1f} s at {srv.url}")
-    overrides = {"out_dir": str(tmp / "study"), "tracking_uri": srv.url, "objective": OBJECTIVE,
+    overrides = {"out_dir": str(tmp / "study"), "tracking_uri": srv.url, "optimize": OBJECTIVE,
                  "eval_hook": "mgbench.evaluation:make_eval_hook"}
-    srv.spec = load_spec(ROOT / "studies" / "_test_ui.yaml", overrides, sets=SETS)
+    srv.spec = load_spec(TEST_STUDIES / "_test_ui.yaml", overrides, sets=SETS)
     summary = run_study(srv.spec, echo=lambda s: None)
     assert (summary.n_complete, summary.n_failed) == (2, 0)
     yield srv
@@ -63,9 +64,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(server):
     """{run name: (experiment id, run id)} of the study, read back through the server."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(server.url)
+    client = mlflow_client(server.url)
     exp = client.get_experiment_by_name("_test_ui")
     return {r.info.run_name: (exp.experiment_id, r.info.run_id) for r in client.search_runs([exp.experiment_id])}
 
@@ -109,13 +110,13 @@ def screenshot(driver, tmp_path: Path, name: str) -> Path:
 
 
 def test_study_logged_through_the_server(server, runs):
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(server.url)
+    client = mlflow_client(server.url)
     assert set(runs) == {"_test_ui", *TRIALS}
     for name in TRIALS:
         run = client.get_run(runs[name][1])
-        assert run.data.tags["mlflow.parentRunId"] == runs["_test_ui"][1]
+        assert run.data.tags[TAG_PARENT] == runs["_test_ui"][1]
         assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied: uploaded over HTTP
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == [10, 20, 30, 40]  # train.steps = 40, log_every = 10
@@ -191,7 +192,7 @@ def test_artifact_view_shows_the_sample_image(server, runs, browser, tmp_path, a
 
 def test_printed_link_opens_the_classic_runs_table_with_w_lambda_and_objective_columns(server, runs, browser,
                                                                                        tmp_path):
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     exp_id = runs["_test_ui"][0]
     lines = study_link_lines(server.url, server.spec)  # what `mgbench ui --study` prints
@@ -211,7 +212,7 @@ def test_printed_link_opens_the_classic_runs_table_with_w_lambda_and_objective_c
     assert not {"Observability", "Judges", "Sessions"} & set(text.splitlines())
     assert browser.find_element(By.CSS_SELECTOR, "[data-testid='saved-views-trigger']").text == "mgbench: trials"
     # Each trial's row shows its w, lambda, objective and SE; the best (highest in_class) first.
-    client = MlflowClient(server.url)
+    client = mlflow_client(server.url)
     data = {t: client.get_run(runs[t][1]).data for t in TRIALS}
     best_first = sorted(TRIALS, key=lambda t: -data[t].metrics[METRIC])
     rows = browser.find_elements(By.CSS_SELECTOR, ".ag-center-cols-container .ag-row")

@@ -31,16 +31,15 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
 
 def run_frontier(args: argparse.Namespace) -> int:
     """Render the frontier report of one study and print the files written (a study without runs: one line, 2)."""
-    from mgbench.cli import print_error
-    from mgbench.config import ConfigError
-    from mgbench.report.cli import resolve_studies
+    from mgbench.config import ConfigError, print_error
+    from mgbench.report.renderers import resolve_studies
     from mgbench.stores import require_runs
 
     try:
         sources = resolve_studies([args.study], args.tracking_uri)
         require_runs(sources, [args.study])   # before anything that would create a store or a folder
         (study, uri), = sources
-        from mgbench.analysis.frontier_report import render_frontier
+        from mgbench.report.frontier import render_frontier
 
         paths = render_frontier(study, uri, args.out, args.quality, args.diversity,
                                 level=args.level, n_boot=args.n_boot, history=args.history)

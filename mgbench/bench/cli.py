@@ -122,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         run_bench(args)
     except (ValueError, FileNotFoundError) as e:
-        from mgbench.cli import print_error
+        from mgbench.config import print_error
 
         return print_error("mgbench bench", e)
     return 0

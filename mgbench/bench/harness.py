@@ -40,13 +40,12 @@ def tiny_step() -> Callable[[], float]:
 def mlflow_cost(steps: int = 600, log_every: tuple[int, ...] = (1, DEFAULT_LOG_EVERY), flush_every: float = 5.0,
                 folder: str | Path | None = None) -> dict[int, dict[str, float]]:
     """Time inside MlflowTracker calls per step, in a loop of real tiny training steps; one run per cadence."""
-    from mlflow.tracking import MlflowClient
-
     from mgbench import tracking as T
+    from mgbench.tracking import mlflow_client
 
     folder = Path(folder or tempfile.mkdtemp(prefix="mgbench-bench-mlflow-"))
     uri = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     exp = client.create_experiment("bench-logging", artifact_location=str(folder / "artifacts"))
     trackers = {k: T.MlflowTracker(client.create_run(exp).info.run_id, uri, flush_every=flush_every)
                 for k in log_every}
@@ -99,8 +98,8 @@ def _study_spec(steps: int, trials: int, out: Path) -> dict:
     ws = [1.0 + 0.25 * i for i in range(trials)]
     return {"name": "bench-overhead", "out_dir": str(out), "sampler": "grid", "executor": "local",
             "parallelism": 1, "space": {"objective.w": {"grid": ws}},
-            "objective": {"metric": "off_class", "direction": "minimize"},
-            "eval_hook": "mgbench.study.testing:quick_eval_hook",
+            "optimize": {"metric": "off_class", "direction": "minimize"},
+            "eval_hook": "mgbench.evaluation.quick:quick_eval_hook",
             "base": {"data": {"name": "grid2d"}, "model": {"arch": "MLP-S"},
                      "objective": {"formulation": "flow", "label_drop": 0.1},
                      "optim": {"batch_size": 256, "lr": 1e-3},

@@ -44,7 +44,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         metrics = evaluate_checkpoint(args, display)
     except (ConfigError, FileNotFoundError) as e:
-        from mgbench.cli import print_error
+        from mgbench.config import print_error
 
         return print_error("mgbench eval", e)
     finally:
@@ -96,15 +96,14 @@ def load_run_config(state: dict[str, Any], run_dir: Path, overrides: list[str]) 
 
 
 def evaluate_checkpoint(args: argparse.Namespace, progress: ProgressFn | None = None) -> dict[str, float]:
-    """Load the EMA weights of a checkpoint into build_model(...) and run the evaluation hook once;
+    """Load the EMA weights of a checkpoint into the run's network (trainer.build) and run the evaluation hook once;
     says what it evaluates before it starts and reports the samples drawn to `progress` (rank 0)."""
     import torch
 
     from mgbench.evaluation.hook import make_eval_hook
     from mgbench.evaluation.progress import CountingContext, SampleCounter, planned_samples
     from mgbench.trainer.checkpoint import load_checkpoint
-    from mgbench.trainer.data import load_dataset
-    from mgbench.trainer.models import build_model
+    from mgbench.trainer.build import build_run
 
     ckpt, run_dir = find_checkpoint(args.path)
     state = load_checkpoint(ckpt)
@@ -128,12 +127,9 @@ def evaluate_checkpoint(args: argparse.Namespace, progress: ProgressFn | None = 
 
         env = D.setup("cuda" if device.type == "cuda" else "cpu")
         device, rank, world = env.device, env.rank, env.world_size
-    data = load_dataset(cfg.data, "train", seed=cfg.train.seed, cache_root=run_dir.parent / "latents", device=device)
-    model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
-                        empty_class=cfg.objective.empty_class, learn_sigma=cfg.model.learn_sigma,
-                        w_input=cfg.model.w_input)
+    data, model = build_run(cfg, run_dir, device)
     model.load_state_dict(state["ema"])
-    model.to(device).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
     w, step = _trained_w(state, cfg), int(state.get("step", 0))
     total = planned_samples(cfg, step)
     counter = SampleCounter(total, progress if rank == 0 else None)

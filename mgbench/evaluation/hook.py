@@ -23,18 +23,32 @@ import numpy as np
 import torch
 
 from mgbench import tracking as T
-from mgbench.config import TrainConfig
+from mgbench.config import ConfigError, TrainConfig
 from mgbench.evaluation import metrics as M
 from mgbench.evaluation.generate import generate, save_images
 from mgbench.evaluation.grid2d import grid_metrics
 from mgbench.evaluation.speed import measure_throughput
 from mgbench.trainer import distributed as D
 from mgbench.trainer.data import Grid2D
-from mgbench.trainer.hooks import EvalContext, EvalHook, sampling_kwargs
-
+from mgbench.trainer.hooks import EvalContext, EvalHook
+from mgbench.trainer.sampling import sampling_kwargs
 
 SEED_STRIDE = 1_000_003   # sample-seed index k draws sample i with seed `sample.seed + k * SEED_STRIDE + i`
 SHARED = ("nfe", "extractor_acc", "img_per_s")  # the same at every sample seed: logged once, without SE
+
+
+def startup_problems(cfg: TrainConfig) -> list[str]:
+    """The start-up checks of this evaluation hook (extractor weights) and its ADM reference file, as
+    `field: what is wrong (what is allowed)` lines (`study validate` adds them to the trainer's)."""
+    problems = []
+    try:
+        M.check_extractor_weights(cfg.eval, cfg.data)
+    except ConfigError as e:
+        problems.append(str(e))
+    ref = cfg.eval.reference
+    if ref and not Path(ref).expanduser().is_file():
+        problems.append(f"eval.reference: {ref!r} does not exist (allowed: an ADM reference batch .npz file)")
+    return problems
 
 
 def make_eval_hook(cfg: TrainConfig) -> EvalHook:

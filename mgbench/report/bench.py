@@ -37,12 +37,12 @@ def _rows(run_id: str, exp_id: str, parent: str, trial: int, params: dict[str, s
     """The database rows of one trial run (MLflow's own tables: runs, tags, params, metrics, latest_metrics)."""
     ts = 1_700_000_000_000 + trial
     tags = {T.TAG_STUDY: BENCH_STUDY, T.TAG_ROLE: "trial", T.TAG_TRIAL: str(trial), T.TAG_STATUS: status,
-            T.TAG_SCALE: scale, "mlflow.parentRunId": parent, "mlflow.runName": f"trial {trial}"}
+            T.TAG_SCALE: scale, T.TAG_PARENT: parent, "mlflow.runName": f"trial {trial}"}
     metric_rows = [{"key": k, "value": v, "timestamp": ts, "step": 2000, "is_nan": False, "run_uuid": run_id}
                    for k, v in metrics.items()]
     return {
         "runs": [{"run_uuid": run_id, "name": f"trial {trial}", "source_type": "LOCAL", "source_name": "",
-                  "entry_point_name": "", "user_id": "bench", "status": "FAILED" if status == "failed" else "FINISHED",
+                  "entry_point_name": "", "user_id": "bench", "status": T.STATUS_TO_MLFLOW[status],
                   "start_time": ts, "end_time": ts + 1, "source_version": "", "lifecycle_stage": "active",
                   "artifact_uri": "", "experiment_id": int(exp_id)}],
         "tags": [{"key": k, "value": v, "run_uuid": run_id} for k, v in tags.items()],
@@ -82,10 +82,11 @@ def build_store(path: str | Path, n_runs: int = 10_000, seed: int = 0, sample_se
 
     from mlflow.store.tracking.dbmodels import models as M
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    from mlflow.tracking import MlflowClient
+
+    from mgbench.tracking import mlflow_client
 
     uri = f"sqlite:///{Path(path).resolve()}"
-    exp_id, parent = synthetic.start_study(MlflowClient(uri), BENCH_STUDY)
+    exp_id, parent = synthetic.start_study(mlflow_client(uri), BENCH_STUDY)
     store = SqlAlchemyStore(uri, tempfile.gettempdir())
     rng = random.Random(seed)
     settings = _settings()

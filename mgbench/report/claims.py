@@ -234,7 +234,7 @@ class StudyRuns:
 
 def load_study(value: str, tracking_uri: str | None = None) -> StudyRuns:
     """A study's runs (spec file or name, resolved as `mgbench report --study` does); never creates a store."""
-    from mgbench.report.cli import resolve_studies
+    from mgbench.report.renderers import resolve_studies
 
     (name, uri), = resolve_studies([value], tracking_uri)
     if uri and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():

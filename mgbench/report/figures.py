@@ -156,13 +156,13 @@ def speedups(data: pd.DataFrame) -> pd.DataFrame:
 def metric_histories(tracking_uri: str | None | dict[str, str | None], run_ids: list[str],
                      metric: str = FID) -> dict[str, list[tuple[int, float]]]:
     """(step, value) history of one metric per run, from MLflow (one URI, or a URI per run id)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    clients: dict[str | None, MlflowClient] = {}
+    clients: dict[str | None, Any] = {}
     out = {}
     for run_id in run_ids:
         uri = tracking_uri.get(run_id) if isinstance(tracking_uri, dict) else tracking_uri
-        client = clients.setdefault(uri, MlflowClient(uri))
+        client = clients.setdefault(uri, mlflow_client(uri))
         hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
         out[run_id] = list({s: v for s, _, v in hist}.items())   # the latest value logged at each step
     return out
@@ -272,9 +272,9 @@ def one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _cfg_panels(chosen: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
     """Vanilla runs' seeds sampled under CFG (`samples/samples_cfg_<s>.npz`, one per eval.cfg_sweep scale)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     frames = []
     for r in _finished(chosen[chosen[L.VARIANT] == "vanilla"]):
         names = sorted(a.path for a in client.list_artifacts(r[L.RUN_ID], T.A_SAMPLES) if "samples_cfg_" in a.path)

@@ -17,7 +17,6 @@ MLFLOW_STATUS = "mlflow_status"         # MLflow's own status: FINISHED | FAILED
 STATUS = "status"                       # finished | failed | pruned | running (mgbench tag, MLflow's when absent)
 VARIANT = "variant"                     # vanilla | mg
 START_TIME = "start_time"               # MLflow start time (ms since epoch)
-PARENT = "mlflow.parentRunId"           # MLflow's own tag linking a trial to its study run
 
 # Config params the variant and the tables read (dotted names of mgbench.config.TrainConfig).
 P_W = "objective.w"
@@ -127,9 +126,9 @@ def _quote(value: Any) -> str:
 
 def experiment_ids(tracking_uri: str | None, study: str | None, experiment: str | None) -> list[str]:
     """The experiments to search: the one named `experiment` (or `study`), else all of them."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     name = experiment or study
     if name:
         exp = client.get_experiment_by_name(name)
@@ -160,20 +159,25 @@ def load_runs(tracking_uri: str | None, study: str | None = None, experiment: st
 
 
 def _search_mlflow(tracking_uri: str | None, ids: list[str], clauses: dict[str, str]) -> pd.DataFrame:
-    import mlflow
+    """The runs through MLflow's public client, page by page, as the frame `mlflow.search_runs` gives (no global
+    tracking URI is set or changed)."""
+    client = T.mlflow_client(tracking_uri)
+    rows, token = [], None
+    while True:
+        page = client.search_runs(ids, _filter_string(clauses), max_results=SEARCH_PAGE, page_token=token)
+        for run in page:
+            info, data = run.info, run.data
+            rows.append({"run_id": info.run_id, "experiment_id": str(info.experiment_id), "status": info.status,
+                         "start_time": info.start_time,
+                         **{f"tags.{k}": v for k, v in data.tags.items()},
+                         **{f"params.{k}": v for k, v in data.params.items()},
+                         **{f"metrics.{k}": v for k, v in data.metrics.items()}})
+        token = page.token
+        if not token:
+            return pd.DataFrame(rows)
 
-    from mlflow.tracking._tracking_service import utils as tracking_state
 
-    # The URI as set (None when unset): restoring mlflow.get_tracking_uri() instead would pin the resolved
-    # default (./mlflow.db) into $MLFLOW_TRACKING_URI for the rest of the process.
-    previous = tracking_state._tracking_uri
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.search_runs(experiment_ids=ids, filter_string=_filter_string(clauses), max_results=10**7,
-                                  output_format="pandas")
-    finally:
-        mlflow.set_tracking_uri(previous)
+SEARCH_PAGE = 10_000   # runs per page of the public-client reader
 
 
 def _filter_string(clauses: dict[str, str]) -> str:

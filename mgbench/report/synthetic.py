@@ -30,10 +30,10 @@ def log_trial(client: Any, study: str, exp_id: str, parent_id: str, trial: int, 
               metrics: dict[str, float], status: str = "finished", scale: str = "digits, 2000 steps",
               history: dict[str, list[tuple[int, float]]] | None = None, final_step: int = 2000) -> str:
     """Log one nested trial run (tags, params, final metrics at `final_step`, optional histories); returns its id."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     tags = {T.TAG_STUDY: study, T.TAG_ROLE: "trial", T.TAG_TRIAL: str(trial), T.TAG_STATUS: status,
-            T.TAG_SCALE: scale, "mlflow.parentRunId": parent_id}
+            T.TAG_SCALE: scale, T.TAG_PARENT: parent_id}
     run = client.create_run(exp_id, tags=tags, run_name=T.trial_run_name({"trial": trial}))
     ts = int(time.time() * 1000)
     metric_list = [Metric(k, float(v), ts, final_step) for k, v in metrics.items()]
@@ -44,7 +44,6 @@ def log_trial(client: Any, study: str, exp_id: str, parent_id: str, trial: int, 
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     for i in range(0, len(metric_list), 1000):
         client.log_batch(run.info.run_id, metrics=metric_list[i:i + 1000])
-    mlflow_status = {"finished": "FINISHED", "failed": "FAILED", "pruned": "FINISHED"}.get(status)
-    if mlflow_status:
-        client.set_terminated(run.info.run_id, mlflow_status)
+    if status != "running":
+        client.set_terminated(run.info.run_id, T.STATUS_TO_MLFLOW[status])
     return run.info.run_id

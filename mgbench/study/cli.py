@@ -61,7 +61,8 @@ def add_study_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_study_cli(args: argparse.Namespace) -> int:
     """Dispatch a parsed `study` command; a bad spec prints one line and returns 2."""
-    from mgbench.cli import parse_set, print_error
+    from mgbench.cli import parse_set
+    from mgbench.config import print_error
     from mgbench.study.overrides import resolve_sets
     from mgbench.study.spec import load_spec, spec_out_dir
 
@@ -130,28 +131,28 @@ def _run(spec: Any, args: argparse.Namespace) -> int:
         print(mask_uri(dry_run(spec)))  # URIs as user:***@host
         _print_sets(spec)
         return 0
-    from mgbench.cli import print_error
+    from mgbench.config import print_error
     from mgbench.study.executors import check_executor
     from mgbench.study.lifecycle import SubmitRefused
-    from mgbench.study.prepare import run_prepare
+    from mgbench.study.latents import run_latents_job
 
     check_executor(spec)  # a bad executor option is a one-line error before any job (the latents job too)
     from mgbench.study.preflight import MIN_FREE_GIB, check_environment  # preflight: before anything is created
 
     check_environment(spec, getattr(args, "min_free_gib", MIN_FREE_GIB))
-    run_prepare(spec)  # imagefolder studies: cache the latents in one job before any trial
+    run_latents_job(spec)  # imagefolder studies: cache the latents in one job before any trial
     try:
         s = run_study(spec, wait=not args.detach, echo=lambda line: print(mask_uri(line)),
                       retry_cancelled=args.retry_cancelled)
     except SubmitRefused as e:  # sbatch refused every submit: the trial is FAIL with its message
         return print_error(f"mgbench study {args.study_cmd}", mask_uri(str(e)))
-    best = f", best {spec.objective.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
+    best = f", best {spec.optimize.metric}={s.best_value:.4g} at {s.best_params}" if s.best_value is not None else ""
     reused = f" ({s.n_reused} reused)" if s.n_reused else ""
     cancelled = f", {s.n_cancelled} cancelled" if s.n_cancelled else ""
     print(f"study {spec.name}: {s.n_complete} complete{reused}, {s.n_pruned} pruned, {s.n_failed} failed"
           f"{cancelled}, {s.n_running} running{best}")
     if spec.report and s.n_running == 0 and s.n_complete > 0:
-        from mgbench.report.cli import render
+        from mgbench.report.renderers import render
 
         out = Path(args.out) if args.out else Path(spec.out_dir) / "report"   # committed reports/ only when named
         for item in spec.report:

@@ -62,7 +62,7 @@ def open_study(spec: StudySpec, create: bool = True) -> optuna.Study:
     storage = make_storage(spec.storage)
     if create:
         return optuna.create_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec),
-                                   pruner=make_pruner(spec), direction=spec.objective.direction,
+                                   pruner=make_pruner(spec), direction=spec.optimize.direction,
                                    load_if_exists=True)
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec),
                              pruner=make_pruner(spec))

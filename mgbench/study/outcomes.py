@@ -27,14 +27,13 @@ UA_RETRY_OF = "mgbench.retry_of"          # Optuna user attr of a trial that ret
 UA_SUBMIT_ERROR = "mgbench.submit_error"  # Optuna user attr of a trial sbatch refused (state FAIL): its message
 CANCEL_WAIT_S = 60.0                      # `study cancel` waits this long for each job to end
 CANCEL_REASON = "cancelled by mgbench study cancel"  # the reason recorded, whoever (command or driver) ends it
+LOCK_FILE = ".driver.lock"    # in out_dir: drivers of one study ask, claim and set up one at a time (flock)
 ENDED = ("finished", "failed", "pruned", "cancelled")  # result.json statuses that end a trial
 
 
 @contextlib.contextmanager
 def study_lock(spec: StudySpec) -> Iterator[None]:
     """The drivers' lock on out_dir/.driver.lock (flock), for commands beside them (`study cancel`)."""
-    from mgbench.study.runner import LOCK_FILE
-
     Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(spec.out_dir) / LOCK_FILE, "a") as f:
         try:

@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 
 from mgbench.config import ConfigError
 from mgbench.redact import mask_uri
-from mgbench.study.spec import DEFAULT_EVAL_HOOK, StudySpec, corner_points, grid_points, validate_trial
+from mgbench.study.space import corner_points, grid_points, validate_trial
+from mgbench.study.spec import StudySpec
+from mgbench.study.spec_checks import DEFAULT_EVAL_HOOK
 
 MIN_FREE_GIB = 1.0        # `study run --min-free-gib`: free disk (GiB) required where out_dir and local stores live
 REACH_TIMEOUT_S = 10.0    # the tracking server (and a database server) must answer within this many seconds
@@ -179,6 +181,9 @@ def trial_problems(spec: StudySpec) -> list[str]:
     from mgbench.study.executors import executor_params
     from mgbench.trainer.startup import check_startup, clear_caches
 
+    if spec.eval_hook == DEFAULT_EVAL_HOOK:
+        from mgbench.evaluation.hook import startup_problems
+
     clear_caches()
     params_ex = executor_params(spec)
     world = job_world_size(spec.executor.type, params_ex)
@@ -188,7 +193,8 @@ def trial_problems(spec: StudySpec) -> list[str]:
     out: list[str] = []
     for params in points:
         cfg = validate_trial(spec, params)
-        found = [locate(spec, params, p) for p in check_startup(cfg, world, local, evaluation)]
+        problems = check_startup(cfg, world, local) + (startup_problems(cfg) if evaluation else [])
+        found = [locate(spec, params, p) for p in problems]
         found += [f"{spec.path}:{p}" + (f" (trial {params})" if params else "") for p in gpu_problems(cfg, params_ex, spec.executor.type)]
         out += [line for line in found if line not in out]
     return out
@@ -196,7 +202,7 @@ def trial_problems(spec: StudySpec) -> list[str]:
 
 def report_trial_problems(spec: StudySpec, prog: str) -> int:
     """Print each trial start-up problem as `PROG: error: file:field: ...` on stderr; returns how many."""
-    from mgbench.cli import print_error
+    from mgbench.config import print_error
 
     problems = trial_problems(spec)
     for line in problems:

@@ -118,10 +118,10 @@ def tell_reused(study: Any, trial_id: int, number: int, src: Source) -> None:
 def copy_run(dst: Any, run_id: str, src: Source, default_uri: str) -> None:
     """Copy the source run's params, every metric step, tags and artifacts into run `run_id` (read all first)."""
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
     uri = src.tracking_uri or default_uri
-    reader = dst if uri == default_uri else MlflowClient(uri)
+    reader = dst if uri == default_uri else mlflow_client(uri)
     run = reader.get_run(src.run_id)
     history = [m for key in run.data.metrics for m in reader.get_metric_history(src.run_id, key)]
     have = dst.get_run(run_id).data.params

@@ -42,20 +42,52 @@ from mgbench.redact import mask_uri
 from mgbench.study import runs
 from mgbench.study.crashpoints import crash_point
 from mgbench.study.executors import check_executor, make_executor
-from mgbench.study.jobstate import ALIVE, CANCELLED, LOST_AFTER_S, UNKNOWN, UNREACHABLE, job_states, pid_alive
+from mgbench.study.jobstate import (
+    ALIVE,
+    CANCELLED,
+    LOST_AFTER_S,
+    UNKNOWN,
+    UNREACHABLE,
+    job_states,
+    pid_alive,
+)
 from mgbench.study.lifecycle import InFlight, JobLifecycle
 from mgbench.study.optuna_io import ask, open_study
-from mgbench.study.outcomes import (CANCEL_REASON, UA_RETRY_OF, carry_checkpoints, enqueue_retries, is_cancelled,
-                                    n_budget)
+from mgbench.study.outcomes import (
+    CANCEL_REASON,
+    LOCK_FILE,
+    UA_RETRY_OF,
+    carry_checkpoints,
+    enqueue_retries,
+    is_cancelled,
+    n_budget,
+)
 from mgbench.study.overrides import record_sets
-from mgbench.study.reuse import (UA_CONFIG_HASH, UA_METRICS, UA_REUSED_FROM, UA_RUN_ID, UA_STEP, UA_TRACKING_URI,
-                                 config_hash, copy_run, find_source, tell_reused)
-from mgbench.study.spec import StudySpec, validate_trial
-from mgbench.study.trial import RESULT_FILE, RESUMABLE, TRIAL_FILE, read_json, trial_dir, write_json
+from mgbench.study.reuse import (
+    UA_CONFIG_HASH,
+    UA_METRICS,
+    UA_REUSED_FROM,
+    UA_RUN_ID,
+    UA_STEP,
+    UA_TRACKING_URI,
+    config_hash,
+    copy_run,
+    find_source,
+    tell_reused,
+)
+from mgbench.study.space import validate_trial
+from mgbench.study.spec import StudySpec
+from mgbench.study.trial import (
+    RESULT_FILE,
+    RESUMABLE,
+    TRIAL_FILE,
+    read_json,
+    trial_dir,
+    write_json,
+)
 from mgbench.study.versions import record_spec
 
 EVENTS_FILE = "events.jsonl"  # driver timeline: one JSON line per submit / end / resubmit
-LOCK_FILE = ".driver.lock"    # in out_dir: drivers of one study ask, claim and set up one at a time
 DRIVERS_DIR = "drivers"       # in out_dir: one heartbeat file per running driver (<host>-<pid>)
 OWNER_ATTR = "mgbench:driver"  # Optuna trial system attr: the driver that owns the trial (host, pid, start, token)
 HEARTBEAT_STALE_S = 120.0     # a driver on another host counts as gone when its heartbeat is older (or 10 polls)
@@ -221,7 +253,7 @@ class Driver(JobLifecycle):
         folder = trial_dir(self.spec, number)
         rec = read_json(folder / TRIAL_FILE) or {}
         digest = rec.get("config_hash")
-        src = find_source(self.study._storage, self.spec.name, digest, self.spec.objective.metric) if digest else None
+        src = find_source(self.study._storage, self.spec.name, digest, self.spec.optimize.metric) if digest else None
         if src is None:
             return False
         try:
@@ -370,7 +402,7 @@ class Driver(JobLifecycle):
             progress = read_json(trial_dir(self.spec, number) / PROGRESS_FILE)
             if progress and progress.get("step") != self._progress_shown.get(number):
                 self._progress_shown[number] = progress.get("step")
-                self.echo(f"[{self.spec.name}] trial {number}: {progress_text(progress, self.spec.objective.metric)}")
+                self.echo(f"[{self.spec.name}] trial {number}: {progress_text(progress, self.spec.optimize.metric)}")
 
     def _event(self, kind: str, number: int, say: str | None = None, **data: Any) -> None:
         """Append to the events file and echo (`say`: the echoed text instead of the event and its data)."""

@@ -10,21 +10,20 @@ import yaml
 from mgbench.config import TrainConfig
 from mgbench.study.crashpoints import crash_point
 from mgbench.study.spec import StudySpec
-from mgbench.tracking import (A_CONFIG, STATUS_TO_MLFLOW, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_ROLE, TAG_SCALE,
+from mgbench.tracking import (A_CONFIG, STATUS_TO_MLFLOW, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_PARENT, TAG_ROLE, TAG_SCALE,
                               TAG_STATUS, TAG_STUDY, TAG_TRIAL, flatten, trial_run_name)
 from mgbench.tracking import study_ui_tags
 
-MLFLOW_PARENT = "mlflow.parentRunId"  # MLflow nests runs in the UI by this tag
 A_SPEC = "study/spec.yaml"          # artifact path of the study spec (as read, overrides applied)
 
 
 def client(spec: StudySpec) -> Any:
-    """An MlflowClient on the study's tracking URI (creating a local sqlite folder if needed)."""
-    from mlflow.tracking import MlflowClient
+    """The MLflow client on the study's tracking URI (creating a local sqlite folder if needed)."""
+    from mgbench.tracking import mlflow_client
 
     if spec.tracking_uri.startswith("sqlite:///"):
         Path(spec.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(spec.tracking_uri)
+    return mlflow_client(spec.tracking_uri)
 
 
 def experiment_id(c: Any, spec: StudySpec) -> str:
@@ -53,7 +52,7 @@ def parent_run(c: Any, exp_id: str, spec: StudySpec) -> str:
     run = c.create_run(exp_id, run_name=spec.name, tags={TAG_STUDY: spec.name, TAG_ROLE: "study"})
     run_id = run.info.run_id
     c.log_batch(run_id, params=_params({"sampler": spec.sampler.type, "n_trials": spec.n_trials,
-                                         "objective": f"{spec.objective.direction} {spec.objective.metric}",
+                                         "optimize": f"{spec.optimize.direction} {spec.optimize.metric}",
                                          "executor": spec.executor.type, "parallelism": spec.parallelism,
                                          "space": ", ".join(spec.space)}))
     _log_yaml(c, run_id, spec.raw, A_SPEC)
@@ -68,7 +67,7 @@ def trial_run(c: Any, exp_id: str, parent_id: str, spec: StudySpec, number: int,
     searched = {k: flat[k] for k in spec.settings(params)}
     run_id = find_trial_run(c, exp_id, spec.name, number, adopt_since) if adopt_since is not None else None
     if run_id is None:
-        tags = {MLFLOW_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
+        tags = {TAG_PARENT: parent_id, TAG_STUDY: spec.name, TAG_ROLE: "trial", TAG_TRIAL: str(number),
                 TAG_STATUS: "running", TAG_SCALE: scale_label(cfg), TAG_OUT_DIR: cfg.out_dir}
         if config_hash:
             tags[TAG_CONFIG_HASH] = config_hash

@@ -10,8 +10,15 @@ from mgbench.study.executors import check_executor, sbatch_script
 from mgbench.study.jobstate import job_states
 from mgbench.study.outcomes import is_cancelled
 from mgbench.study.reuse import UA_REUSED_FROM
-from mgbench.study.spec import StudySpec, corner_points, grid_points
-from mgbench.study.trial import PROGRESS_FILE, RESULT_FILE, list_trials, read_json, trial_dir
+from mgbench.study.space import corner_points, grid_points
+from mgbench.study.spec import StudySpec
+from mgbench.study.trial import (
+    PROGRESS_FILE,
+    RESULT_FILE,
+    list_trials,
+    read_json,
+    trial_dir,
+)
 from mgbench.tracking import TAG_STATUS, trial_run_name
 
 
@@ -41,7 +48,7 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
         rows.append({"trial": number, "state": state, "value": t.value if t is not None else None,
                      "params": trial_run_name(spec.settings(rec.get("params") or (t.params if t else {}))),
                      "progress": _steps(progress, result, rec),
-                     "latest": latest_metric(progress, spec.objective.metric),
+                     "latest": latest_metric(progress, spec.optimize.metric),
                      "duration": _duration(t), "job": job_state, "result": result.get("status", "-"),
                      "reused": _reused_label(t.user_attrs.get(UA_REUSED_FROM) if t is not None else None),
                      "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
@@ -99,7 +106,7 @@ def _duration(t: Any, now: float | None = None) -> str:
 
 def status_header(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
     """The lines above the table: objective metric and direction, trial counts by state, the best trial so far."""
-    o = spec.objective
+    o = spec.optimize
     better = "lower" if o.direction == "minimize" else "higher"
     counts = Counter(r["state"] for r in rows)
     states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "none yet"
@@ -154,7 +161,7 @@ def dry_run(spec: StudySpec) -> str:
     """The resolved trials (grid: every point; search: the space and its checked corners), and the sbatch script."""
     params = check_executor(spec)
     lines = [f"study {spec.name}: sampler {spec.sampler.type}, {spec.n_trials} trials, "
-             f"{spec.objective.direction} {spec.objective.metric}, executor {spec.executor.type}, "
+             f"{spec.optimize.direction} {spec.optimize.metric}, executor {spec.executor.type}, "
              f"parallelism {spec.parallelism}",
              f"out_dir {spec.out_dir}", f"storage {spec.storage}", f"tracking {spec.tracking_uri}"]
     if spec.sampler.type == "grid":
@@ -169,7 +176,7 @@ def dry_run(spec: StudySpec) -> str:
         lines.append("corners:")
     for i, pt in enumerate(points):
         lines.append(f"  {i:4d}  {trial_run_name(spec.settings(pt))}")
-    from mgbench.study.prepare import describe
+    from mgbench.study.latents import describe
 
     lines += describe(spec)
     if spec.executor.type == "slurm":

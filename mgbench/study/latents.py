@@ -1,5 +1,5 @@
-"""Latent caching as a study's first job: encode an imagefolder dataset with the SD-VAE once, on the
-study's executor (a GPU job on SLURM), before any trial starts. Trials then read the cached shard.
+"""Latent caching as a study's first job: encode an imagefolder dataset with the SD-VAE once, on the study's
+executor (a GPU job on SLURM), before any trial starts (`study run` submits it). Trials then read the cached shard.
 
 The shard lives in `data.cache_dir`, which a study defaults to `<out_dir>/latents` (set at spec load),
 so every trial of the study, and every rerun, finds the same file. The job is idempotent: a cached
@@ -8,21 +8,10 @@ shard is found and returned at once.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from mgbench.config import DataConfig, from_dict
-
-
-def needs_latents(base: dict[str, Any]) -> bool:
-    """Whether a study's base config trains on an imagefolder (SD-VAE latents)."""
-    return (base.get("data") or {}).get("name") == "imagefolder"
-
-
-def default_cache_dir(base: dict[str, Any], out_dir: str) -> None:
-    """Point `data.cache_dir` of an imagefolder study at `<out_dir>/latents` unless it names one."""
-    if needs_latents(base) and not base["data"].get("cache_dir"):
-        base["data"]["cache_dir"] = str(Path(out_dir) / "latents")
+from mgbench.study.spec import needs_latents
 
 
 def cache_latents(data: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +26,7 @@ def cache_latents(data: dict[str, Any]) -> dict[str, Any]:
     return {"shard": ds.meta["cache"], "images": len(ds), "shape": list(ds.shape), "seconds": time.time() - t0}
 
 
-def run_prepare(spec: Any, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+def run_latents_job(spec: Any, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Submit the caching job on the study's executor and wait for it (None when there is nothing to do)."""
     if not needs_latents(spec.base):
         return None
