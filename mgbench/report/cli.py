@@ -36,6 +36,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         "lines (e.g. reports/README.md)")
     p.add_argument("--claims", default="reports/claims.yaml",
                    help="claims: the file of declared comparisons (default: reports/claims.yaml)")
+    p.add_argument("--only", nargs="+", metavar="ID", default=None,
+                   help="claims: re-evaluate only the claims with these ids (shell-style patterns, e.g. "
+                        "'*table7*') and keep every other row as --out's claims.md and claims.csv have it")
     from mgbench.report.system import add_arguments as add_system_arguments
 
     add_system_arguments(p)   # system: --runs-dir, --n, --sample-seeds
@@ -49,7 +52,8 @@ def run_report(args: argparse.Namespace) -> int:
         if args.what == "claims":
             from mgbench.report.claims_table import write_claims
 
-            paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri, into=args.into)
+            paths = write_claims(args.claims, args.out or CLAIMS_OUT, args.tracking_uri, into=args.into,
+                                 only=args.only)
             print("\n".join(map(str, paths)))
             return 0
         if args.what == "system":
