@@ -89,3 +89,52 @@ def good_study(tmp_path: Path) -> dict:
     """A fresh copy of GOOD_STUDY to change, with base.yaml (studies/base/grid2d.yaml) in tmp_path for its `extends`."""
     (tmp_path / "base.yaml").write_text((STUDIES / "base/grid2d.yaml").read_text())
     return copy.deepcopy(GOOD_STUDY)
+
+
+# ----------------------------------------------------------------------------- helpers shared by test modules
+
+
+def fill_tmp(value, tmp: Path):
+    """`value` (nested dicts / lists / strings) with every "{tmp}" in its strings replaced by the folder tmp."""
+    if isinstance(value, str):
+        return value.replace("{tmp}", str(tmp))
+    if isinstance(value, dict):
+        return {k: fill_tmp(v, tmp) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_tmp(v, tmp) for v in value]
+    return value
+
+
+def write_spec_file(data: dict, tmp: Path, name: str = "study.yaml") -> Path:
+    """A study spec, "{tmp}" filled in, written as YAML (key order kept) to tmp/name; its path."""
+    import yaml
+
+    path = tmp / name
+    path.write_text(yaml.safe_dump(fill_tmp(data, tmp), sort_keys=False))
+    return path
+
+
+def file_tree(root: Path) -> set[str]:
+    """Every file and folder under root, relative to it (to see that a refused command added nothing)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def wait_for_job(job, timeout: float, poll: float = 0.5) -> None:
+    """Wait until a submitit job is done; past `timeout` seconds cancel it and fail the test."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout:g}s (state {job.state})")
+        time.sleep(poll)
+
+
+def sqlite_mlflow_store(tmp_path_factory, name: str = "mlflow") -> tuple[Path, str, object]:
+    """A fresh MLflow store (sqlite, in a new folder `name`*) for synthetic runs: (its folder, uri, client)."""
+    from mgbench.tracking import mlflow_client
+
+    root = tmp_path_factory.mktemp(name)
+    uri = f"sqlite:///{root}/mlflow.db"
+    return root, uri, mlflow_client(uri)

@@ -244,6 +244,10 @@ def test_down_stops_every_process_it_started_job_steps_included(private_cluster:
     c = private_cluster
     job = c.sbatch("sleep 300")
     c.wait_state(job, "RUNNING")
+    # slurmctld says RUNNING when it has handed the job to slurmd, which may not have forked the step yet
+    deadline = time.monotonic() + 30
+    while not ({pv.comm(p) for p in c.processes()} >= {"slurmstepd", "sleep"}) and time.monotonic() < deadline:
+        time.sleep(0.2)
     procs = c.processes()
     steps = c.job_steps()
     assert steps and {pv.comm(p) for p in procs} >= {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sleep"}

@@ -19,23 +19,19 @@ def centres(c: int) -> torch.Tensor:
     return torch.tensor([GRID.cell_center(i, j) for i, j in GRID.class_cells(c)])
 
 
-def test_all_in_class():
+@pytest.mark.parametrize("own, in_class, center_dist", [
+    (True, 1.0, 0.0),   # every point on a centre of its class's cells
+    (False, 0.0, 1.0),  # every point on a centre of the other class's cells: a neighbouring centre is 1 away
+], ids=["all_in_class", "all_in_the_other_class"])
+def test_points_on_cell_centres(own, in_class, center_dist):
     pts = torch.cat([centres(0), centres(1)])
-    labels = torch.tensor([0] * 8 + [1] * 8)
-    assert GM.in_class(pts, labels, GRID) == 1.0
-    assert GM.off_support(pts, labels, GRID) == 0.0
-    assert GM.wrong_class(pts, labels, GRID) == 0.0 and GM.off_board(pts, labels, GRID) == 0.0
-    assert GM.center_dist(pts, labels, GRID) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_all_in_the_other_class():
-    pts = torch.cat([centres(0), centres(1)])
-    labels = torch.tensor([1] * 8 + [0] * 8)
-    assert GM.in_class(pts, labels, GRID) == 0.0
-    assert GM.off_support(pts, labels, GRID) == 1.0
-    assert GM.wrong_class(pts, labels, GRID) == 1.0 and GM.off_board(pts, labels, GRID) == 0.0
-    assert GM.center_dist(pts, labels, GRID) == pytest.approx(1.0)  # a neighbouring square's centre is 1 away
-    assert GM.coverage(pts, labels, GRID, k=1) == 0.0
+    labels = torch.tensor([0] * 8 + [1] * 8) if own else torch.tensor([1] * 8 + [0] * 8)
+    assert GM.in_class(pts, labels, GRID) == in_class
+    assert GM.off_support(pts, labels, GRID) == 1.0 - in_class
+    assert GM.wrong_class(pts, labels, GRID) == 1.0 - in_class and GM.off_board(pts, labels, GRID) == 0.0
+    assert GM.center_dist(pts, labels, GRID) == pytest.approx(center_dist, abs=1e-12)
+    if not own:
+        assert GM.coverage(pts, labels, GRID, k=1) == 0.0
 
 
 def test_off_board_counts_as_off_support():

@@ -1,4 +1,5 @@
 """Exact math of the MG objective: targets, gradients, label dropout, w-input, empty-class removal."""
+import itertools
 import math
 
 import pytest
@@ -142,25 +143,45 @@ def test_empty_class_removed_uses_the_mean_over_label_predictions(n_labels):
     with torch.no_grad():
         per_label = torch.stack([teacher(x_t, t_net, torch.full_like(y, c)) for c in range(C)])  # (C, B, 2)
         cond = teacher(x_t, t_net, y)
-    if n_labels == 0:
-        uncond = per_label.mean(0)
-    else:  # the same N labels the objective draws, from the batch's seed
-        from mgbench.trainer.guidance import draw_uncond_labels
-        idx = nz.mg.nonzero().squeeze(1)
-        sets = draw_uncond_labels(len(idx), C, n_labels, torch.Generator().manual_seed(nz.uncond_gen_seed))
-        uncond = per_label.mean(0).clone()
-        uncond[idx] = torch.stack([per_label[sets[i], j].mean(0) for i, j in enumerate(idx.tolist())])
-    expected = torch.where(nz.mg[:, None], target + 0.5 * (cond - uncond), target)
-    loss, _ = obj.loss(model, teacher, x0, y, nz, mg_on=True)
-    torch.testing.assert_close(loss, F.mse_loss(model(x_t, t_net, y), expected), rtol=1e-5, atol=1e-6)
+    if n_labels == 0:  # all C labels: the unconditional estimate is their mean
+        expected = torch.where(nz.mg[:, None], target + 0.5 * (cond - per_label.mean(0)), target)
+        loss, _ = obj.loss(model, teacher, x0, y, nz, mg_on=True)
+        torch.testing.assert_close(loss, F.mse_loss(model(x_t, t_net, y), expected), rtol=1e-5, atol=1e-6)
+        return
+    # N random labels per guided sample: read each sample's target off the gradient of a zero output, and find
+    # the uncond it implies among the means over every set of N distinct labels (no mgbench label drawing here).
+    leaf, out, _ = _output_leaf(B)
+    obj.loss(leaf, teacher, x0, y, nz, mg_on=True)[0].backward()
+    got = -B * out.grad
+    torch.testing.assert_close(got[~nz.mg], target[~nz.mg], rtol=1e-5, atol=1e-6)  # off the MG share: plain
+    implied = cond - (got - target) / 0.5
+    subsets = list(itertools.combinations(range(C), n_labels))
+    means = torch.stack([per_label[list(s)].mean(0) for s in subsets])  # (subsets, B, 2)
+    err = (means - implied[None]).abs().amax(-1)  # (subsets, B)
+    best = err.argmin(0)
+    assert nz.mg.any() and (err.min(0).values[nz.mg] < 1e-4).all()
+    assert len(set(best[nz.mg].tolist())) > 1  # the sets are drawn per sample, not one set for the batch
 
 
-def test_label_drop_rate_matches_lambda():
+def test_label_drop_rate_matches_lambda_and_dropped_labels_become_the_empty_class():
+    n = 200_000
+    y = torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(2))
     for lam in (0.1, 0.3):
         obj = Objective(ObjectiveConfig(label_drop=lam), C)
-        nz = obj.draw(200_000, (2,), torch.Generator().manual_seed(1), 1.0)
-        sd = math.sqrt(lam * (1 - lam) / 200_000)
-        assert abs(nz.drop.float().mean().item() - lam) < 4 * sd
+        nz = obj.draw(n, (2,), torch.Generator().manual_seed(1), 1.0)
+        model, _, calls = _output_leaf(n)
+        obj.loss(model, None, torch.zeros(n, 2), y, nz, mg_on=False)
+        (y_fed, _), = calls
+        dropped = y_fed == C  # observed: the labels the model was fed
+        sd = math.sqrt(lam * (1 - lam) / n)
+        assert abs(dropped.float().mean().item() - lam) < 4 * sd
+        assert torch.equal(y_fed[~dropped], y[~dropped]) and torch.equal(dropped, nz.drop)
+    # Without an empty class there is nothing to drop to: every label reaches the model.
+    obj = Objective(ObjectiveConfig(label_drop=0.3, empty_class=False), C)
+    nz = obj.draw(n, (2,), torch.Generator().manual_seed(1), 1.0)
+    model, _, calls = _output_leaf(n)
+    obj.loss(model, None, torch.zeros(n, 2), y, nz, mg_on=False)
+    assert torch.equal(calls[0][0], y)
 
 
 def test_t_high_and_start_step_leave_the_plain_target():

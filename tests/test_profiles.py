@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
-from conftest import require_slurm_conf
+from conftest import require_slurm_conf, wait_for_job
 
 from mgbench.config import ConfigError
 from mgbench.study.profiles import PROFILES_DIR, load_profile, profile_path, validate_profile
@@ -90,11 +89,6 @@ def test_local_profile_runs_on_the_test_cluster(tmp_path: Path) -> None:
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
     ex.update_parameters(**load_profile("local"))
     job = ex.submit(_ping)
-    deadline = time.monotonic() + 90
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel(check=False)
-            pytest.fail(f"job {job.job_id} not done after 90s")
-        time.sleep(0.5)
+    wait_for_job(job, 90)
     partition, cvd = job.result().split(":")
     assert partition == "gpu" and cvd in {"0", "1"}  # one of the 2 fake GPUs (the other may be finishing a job)

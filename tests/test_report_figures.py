@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import sqlite_mlflow_store
 
 from mgbench import tracking as T
 from mgbench.report import figures as F
@@ -35,11 +36,7 @@ def test_sweep_metric_name_is_valid_for_mlflow():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Study `figs`: sweeps (Fig. 4), FID histories (Fig. 5), sizes (Fig. 6), 2D toy samples (Fig. 2)."""
-    from mgbench.tracking import mlflow_client
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = mlflow_client(uri)
+    root, uri, client = sqlite_mlflow_store(tmp_path_factory)
     exp, parent = start_study(client, "figs", str(root / "art"))
     size = {T.M_PARAMS: 1e6, T.M_GFLOPS: 0.5, T.M_NFE: 50.0}
     vanilla = {FID: 20.0, IS: 50.0, **size, **_sweep({0.5: {"fid": 12.0, "is": 90.0}, 1.0: {"fid": 10.0, "is": 120.0}})}

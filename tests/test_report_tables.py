@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import sqlite_mlflow_store
 
 from mgbench import tracking as T
 from mgbench.report import load as L
@@ -28,11 +29,7 @@ def _log(client, study, exp, parent, runs):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Two studies: `ablate` (w sweep with seeds, a failed and a missing setting) and `system` (Tables 1/2)."""
-    from mgbench.tracking import mlflow_client
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = mlflow_client(uri)
+    root, uri, client = sqlite_mlflow_store(tmp_path_factory)
     exp, parent = start_study(client, "ablate", str(root / "art"))
     _log(client, "ablate", exp, parent, [
         ({**DIT, "objective.w": 1.0}, {FID: 40.0, IS: 50.0, PREC: 0.5}, "finished"),
@@ -273,11 +270,7 @@ SEEDED_RUNS = [   # (overrides, {tracked name: run mean}); every run at 5 sample
 def seeded(tmp_path_factory):
     """Study `seeded`: vanilla (3 seeds, CFG sweep at s = 0.5, 1), MG w=1.5 (3 seeds), w=1.25 (1 seed),
     a w-input model (2 seeds, w sweep at 1.33, 1.5, 2); every run evaluated at 5 sample seeds."""
-    from mgbench.tracking import mlflow_client
-
-    root = tmp_path_factory.mktemp("seeded")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = mlflow_client(uri)
+    root, uri, client = sqlite_mlflow_store(tmp_path_factory, "seeded")
     exp, parent = start_study(client, "seeded", str(root / "art"))
     ids = [log_trial(client, "seeded", exp, parent, i, trial_params(**over), _seeded(**means))
            for i, (over, means) in enumerate(SEEDED_RUNS)]
@@ -400,11 +393,7 @@ def _grid(prefix: str, in_class: float, wrong: float, sub: float, coverage: floa
 def toy_runs(tmp_path_factory):
     """Study `toy`: vanilla at 2 training seeds x 3 sample seeds with a CFG sweep (0.5, 1.0); MG w=1.5 (implied
     s = 1) at 2 seeds; MG w=1.25 from before wrong_class/off_board/subcell_coverage existed; MG w=1.75 failed."""
-    from mgbench.tracking import mlflow_client
-
-    root = tmp_path_factory.mktemp("toy")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = mlflow_client(uri)
+    root, uri, client = sqlite_mlflow_store(tmp_path_factory, "toy")
     exp, parent = start_study(client, "toy", str(root / "art"))
     ev, sw = "eval/{}", lambda s: T.metric_sweep(s, "{}")
     runs = []

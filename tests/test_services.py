@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_slurm_conf
+from conftest import require_slurm_conf, wait_for_job
 
 from mgbench.tracking import mlflow_client
 
@@ -19,22 +18,24 @@ pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300)]
 HINT = 'run slurm/services.sh start && eval "$(slurm/services.sh env)"'
 
 
+def _service_url(var: str) -> str:
+    """A service URL that slurm/services.sh exports in `var`, or skip."""
+    url = os.environ.get(var)
+    if not url:
+        pytest.skip(f"{var} unset: {HINT}")
+    return url
+
+
 @pytest.fixture(scope="module")
 def pg_url() -> str:
     """The PostgreSQL URL from slurm/services.sh, or skip."""
-    url = os.environ.get("MGBENCH_PG_URL")
-    if not url:
-        pytest.skip(f"MGBENCH_PG_URL unset: {HINT}")
-    return url
+    return _service_url("MGBENCH_PG_URL")
 
 
 @pytest.fixture(scope="module")
 def mlflow_url() -> str:
     """The MLflow tracking server URL from slurm/services.sh, or skip."""
-    url = os.environ.get("MGBENCH_MLFLOW_URL")
-    if not url:
-        pytest.skip(f"MGBENCH_MLFLOW_URL unset: {HINT}")
-    return url
+    return _service_url("MGBENCH_MLFLOW_URL")
 
 
 WORKER = textwrap.dedent("""
@@ -106,11 +107,6 @@ def test_slurm_job_reaches_mlflow(mlflow_url: str, tmp_path: Path) -> None:
     ex.update_parameters(slurm_partition="gpu", gpus_per_node=1, mem_gb=0.5, timeout_min=5)
     name = f"test-slurm-{uuid.uuid4().hex[:8]}"
     job = ex.submit(log_from_job, mlflow_url, name)
-    deadline = time.monotonic() + 120
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel(check=False)
-            pytest.fail(f"job {job.job_id} not done after 120s")
-        time.sleep(0.5)
+    wait_for_job(job, 120)
     run = mlflow_client(mlflow_url).get_run(job.result())
     assert run.data.metrics["job_id"] == float(job.job_id)

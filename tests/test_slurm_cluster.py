@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import slurm_conf
+from conftest import slurm_conf, wait_for_job
 
 submitit = pytest.importorskip("submitit")
 import cloudpickle  # noqa: E402  (a submitit dependency)
@@ -51,12 +51,7 @@ def executor(tmp_path: Path) -> "submitit.AutoExecutor":
 
 def wait_result(job: "submitit.Job", timeout: float = JOB_TIMEOUT_S):
     """Return job.result(), cancelling the job and failing the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel(check=False)
-            pytest.fail(f"job {job.job_id} not done after {timeout}s (state {job.state})")
-        time.sleep(0.5)
+    wait_for_job(job, timeout)
     return job.result()
 
 
@@ -143,25 +138,26 @@ def wait_for_file_lines(path: Path, n: int, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.slow
-def test_scontrol_requeue_comes_back_and_finishes(executor, tmp_path: Path) -> None:
+def interrupted_attempts(executor, tmp_path: Path, command: list[str]) -> dict:
+    """Submit Attempts, run `command` + [its job id] once its first run has started, and return its result."""
     marker = tmp_path / "runs.txt"
     job = executor.submit(Attempts(), str(marker))
     wait_for_file_lines(marker, 1)
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True, timeout=20)
-    out = wait_result(job, timeout=120)  # a requeued job waits cred_expire (10 s) before it restarts
+    subprocess.run([*command, job.job_id], check=True, timeout=20)
+    return wait_result(job, timeout=120)  # a requeued job waits cred_expire (10 s) before it restarts
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_comes_back_and_finishes(executor, tmp_path: Path) -> None:
+    out = interrupted_attempts(executor, tmp_path, ["scontrol", "requeue"])
     assert out["runs"] == ["0", "1"]  # run again from the submitted state, SLURM_RESTART_COUNT=1
     assert out["state"] == "fresh"  # requeue without signal: no checkpoint was taken
 
 
 @pytest.mark.slow
 def test_preemption_signal_checkpoints_and_resumes(executor, tmp_path: Path) -> None:
-    marker = tmp_path / "runs.txt"
-    job = executor.submit(Attempts(), str(marker))
-    wait_for_file_lines(marker, 1)
     # What a preemption or time limit sends: submitit checkpoints the callable and requeues the job.
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=20)
-    out = wait_result(job, timeout=120)
+    out = interrupted_attempts(executor, tmp_path, ["scancel", "--signal=USR2"])
     assert out["runs"] == ["0", "1"]
     assert out["state"] == "checkpointed-in-run-1"  # state pickled at the checkpoint survived
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import file_tree, write_spec_file
 
 from mgbench.cli import main as mgbench_main
 from mgbench.study.spec import load_spec
@@ -40,16 +41,6 @@ def _merge(dst: dict, patch: dict) -> None:
             _merge(dst[k], v)
         else:
             dst[k] = v
-
-
-def _fill(value, tmp: Path):
-    if isinstance(value, str):
-        return value.replace("{tmp}", str(tmp))
-    if isinstance(value, dict):
-        return {k: _fill(v, tmp) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, tmp) for v in value]
-    return value
 
 
 def _setup_images(tmp: Path) -> None:
@@ -224,14 +215,7 @@ def write_case(good: dict, tmp: Path, patch: dict, setup) -> Path:
     data = copy.deepcopy(good)
     _merge(data, GOOD)   # not a copy: DELETE stays itself, and _merge changes only its first argument here
     _merge(data, copy.deepcopy(patch))
-    path = tmp / SPEC
-    path.write_text(yaml.safe_dump(_fill(data, tmp), sort_keys=False))
-    return path
-
-
-def tree(root: Path) -> set[str]:
-    """Every file and folder under root (what a submission would add to)."""
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
+    return write_spec_file(data, tmp, SPEC)
 
 
 def test_the_good_spec_validates(tmp_path, good_study, monkeypatch, capsys):
@@ -248,7 +232,7 @@ def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, good_study, monkeypa
     monkeypatch.chdir(tmp_path)  # anything relative would land here, and show in the tree
     path = write_case(good_study, tmp_path, patch, setup)
     allowed = allowed.replace("{tmp}", str(tmp_path))
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     for command in ("validate", "run"):
         rc = mgbench_main(["study", command, str(path)])
         captured = capsys.readouterr()
@@ -261,18 +245,18 @@ def test_bad_spec_is_one_line_and_submits_nothing(tmp_path, good_study, monkeypa
         assert captured.out == ""
         # Nothing submitted: no out_dir (trials, submitit job folders, events), no Optuna storage
         # (so no study), no MLflow store (so no runs), nothing anywhere else in the folder.
-        assert tree(tmp_path) == before, (command, tree(tmp_path) - before)
+        assert file_tree(tmp_path) == before, (command, file_tree(tmp_path) - before)
 
 
 def test_parallelism_flag_zero_is_refused(tmp_path, good_study, monkeypatch, capsys):
     """`--parallelism 0` was silently ignored (0 read as "not given"); it names the field like the spec would."""
     monkeypatch.chdir(tmp_path)
     path = write_case(good_study, tmp_path, {}, None)
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     assert mgbench_main(["study", "run", str(path), "--parallelism", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [f"mgbench study run: error: {path}:parallelism: expected an integer >= 1, got 0"]
-    assert tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("case", ["unknown_optimize_metric", "storage_journal_in_missing_dir"])
@@ -281,7 +265,7 @@ def test_real_mgbench_process_exits_2_with_one_line(tmp_path, good_study, case):
     _, patch, field, allowed, setup = next(c for c in CASES if c[0] == case)
     path = write_case(good_study, tmp_path, patch, setup)
     allowed = allowed.replace("{tmp}", str(tmp_path))
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     mgbench = Path(sys.executable).with_name("mgbench")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in ("validate", "run"):
@@ -291,7 +275,7 @@ def test_real_mgbench_process_exits_2_with_one_line(tmp_path, good_study, case):
         (line,) = res.stderr.splitlines()
         assert line.startswith(f"mgbench study {command}: error: {path}:{field}: ") and allowed in line, line
         assert res.stdout == ""
-        assert tree(tmp_path) == before
+        assert file_tree(tmp_path) == before
 
 
 def test_metric_names_match_the_evaluation():

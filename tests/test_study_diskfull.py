@@ -74,14 +74,18 @@ def job_path(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-@pytest.mark.slow
-def test_a_checkpoint_write_failure_is_retried_from_the_latest_checkpoint(tmp_path, job_path):
-    spec = diskfull_spec(tmp_path, max_retries=2)
+def run_diskfull(tmp_path: Path, max_retries: int, complete: int, failed: int):
+    """Run the one-trial diskfull study; check its (complete, failed) count; (spec, printed lines, trial folder)."""
+    spec = diskfull_spec(tmp_path, max_retries=max_retries)
     lines: list[str] = []
     summary = run_study(spec, echo=lines.append)
-    assert (summary.n_complete, summary.n_failed) == (1, 0), lines
+    assert (summary.n_complete, summary.n_failed) == (complete, failed), lines
+    return spec, lines, Path(spec.out_dir) / "trials" / "0000"
 
-    folder = Path(spec.out_dir) / "trials" / "0000"
+
+@pytest.mark.slow
+def test_a_checkpoint_write_failure_is_retried_from_the_latest_checkpoint(tmp_path, job_path):
+    spec, lines, folder = run_diskfull(tmp_path, max_retries=2, complete=1, failed=0)
     rec = read_json(folder / "trial.json")
     assert rec["deaths"] == 1 and len(rec["jobs"]) == 2
     assert read_json(folder / "result.json")["status"] == "finished"
@@ -105,11 +109,7 @@ def test_a_checkpoint_write_failure_is_retried_from_the_latest_checkpoint(tmp_pa
 
 @pytest.mark.slow
 def test_checkpoint_write_failures_count_against_max_retries(tmp_path, job_path):
-    spec = diskfull_spec(tmp_path, max_retries=0)
-    lines: list[str] = []
-    summary = run_study(spec, echo=lines.append)
-    assert (summary.n_complete, summary.n_failed) == (0, 1), lines
-    folder = Path(spec.out_dir) / "trials" / "0000"
+    spec, lines, folder = run_diskfull(tmp_path, max_retries=0, complete=0, failed=1)
     assert read_json(folder / "trial.json")["deaths"] == 1
     failed = [line for line in lines if "marked failed" in line]
     assert len(failed) == 1 and "stopped (cannot write checkpoint" in failed[0] and "max_retries 0" in failed[0]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import file_tree, write_spec_file
 
 from mgbench.cli import main as mgbench_main
 from mgbench.config import ConfigError, load_yaml
@@ -36,40 +37,35 @@ NEEDS_SRUN = pytest.mark.skipif(shutil.which("srun") is None, reason="submitit c
                                 "executor, which needs srun (bash slurm/cluster.sh install)")
 
 
-def _fill(value, tmp: Path):
-    if isinstance(value, str):
-        return value.replace("{tmp}", str(tmp))
-    if isinstance(value, dict):
-        return {k: _fill(v, tmp) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, tmp) for v in value]
-    return value
-
-
 def write_spec(good: dict, tmp: Path, **changes) -> Path:
     """The good spec (`good_study`, tests/conftest.py) named hostile, top-level keys replaced, in tmp/study.yaml."""
-    data = {**copy.deepcopy(good), "name": "hostile", **changes}
-    path = tmp / SPEC
-    path.write_text(yaml.safe_dump(_fill(data, tmp), sort_keys=False))
-    return path
-
-
-def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
+    return write_spec_file({**copy.deepcopy(good), "name": "hostile", **changes}, tmp, SPEC)
 
 
 def refused(tmp: Path, path: Path, capsys, *extra: str, commands=("validate", "run")) -> str:
     """Run the commands in process: each exits 2 with one stderr line and leaves the folder as it was."""
-    before = tree(tmp)
+    before = file_tree(tmp)
     msgs = []
     for command in commands:
         rc = mgbench_main(["study", command, str(path), *extra])
         out = capsys.readouterr()
         assert rc == 2 and out.out == "" and len(out.err.splitlines()) == 1, (command, rc, out)
-        assert tree(tmp) == before, tree(tmp) - before
+        assert file_tree(tmp) == before, file_tree(tmp) - before
         msgs.append(out.err.strip())
     assert msgs[0].split(": error: ", 1)[1] == msgs[-1].split(": error: ", 1)[1]
     return msgs[0].split(": error: ", 1)[1]
+
+
+@pytest.fixture
+def refuse_spec(tmp_path, good_study, monkeypatch, capsys):
+    """refuse_spec(*extra args, **top-level keys): write that spec in tmp_path (the working folder), run `refused`
+    on it; (its path, the message)."""
+    monkeypatch.chdir(tmp_path)
+
+    def refuse(*extra: str, **changes) -> tuple[Path, str]:
+        path = write_spec(good_study, tmp_path, **changes)
+        return path, refused(tmp_path, path, capsys, *extra)
+    return refuse
 
 
 # ----------------------------------------------------------------------------- the premise
@@ -112,11 +108,8 @@ HOSTILE_SPEC = [  # (id, executor section, the field after `file:`, a part of th
 
 
 @pytest.mark.parametrize("section, field, message", [c[1:] for c in HOSTILE_SPEC], ids=[c[0] for c in HOSTILE_SPEC])
-def test_hostile_executor_options_in_the_spec_are_refused(tmp_path, good_study, monkeypatch, capsys, section, field,
-                                                          message):
-    monkeypatch.chdir(tmp_path)
-    path = write_spec(good_study, tmp_path, executor=section)
-    msg = refused(tmp_path, path, capsys)
+def test_hostile_executor_options_in_the_spec_are_refused(refuse_spec, section, field, message):
+    path, msg = refuse_spec(executor=section)
     assert msg.startswith(f"{path}:{field}: ") and message in msg, msg
 
 
@@ -135,11 +128,9 @@ HOSTILE_PROFILE = [  # (id, profile text, the field inside the profile file, a p
 
 
 @pytest.mark.parametrize("text, field, message", [c[1:] for c in HOSTILE_PROFILE], ids=[c[0] for c in HOSTILE_PROFILE])
-def test_hostile_site_profiles_are_refused(tmp_path, good_study, monkeypatch, capsys, text, field, message):
-    monkeypatch.chdir(tmp_path)
+def test_hostile_site_profiles_are_refused(tmp_path, refuse_spec, text, field, message):
     (tmp_path / "site.yaml").write_text(text)
-    path = write_spec(good_study, tmp_path, executor={"type": "slurm", "profile": "site.yaml"})
-    msg = refused(tmp_path, path, capsys)
+    path, msg = refuse_spec(executor={"type": "slurm", "profile": "site.yaml"})
     assert msg.startswith(f"{path}:executor.profile: {tmp_path / 'site.yaml'}:{field}: ") and message in msg, msg
 
 
@@ -154,18 +145,14 @@ HOSTILE_SPACE = [  # (id, space, the field, a part of the message)
 
 
 @pytest.mark.parametrize("space, field, message", [c[1:] for c in HOSTILE_SPACE], ids=[c[0] for c in HOSTILE_SPACE])
-def test_hostile_search_space_is_refused(tmp_path, good_study, monkeypatch, capsys, space, field, message):
-    monkeypatch.chdir(tmp_path)
-    path = write_spec(good_study, tmp_path, space=space, executor=SLURM)
-    msg = refused(tmp_path, path, capsys)
+def test_hostile_search_space_is_refused(refuse_spec, space, field, message):
+    path, msg = refuse_spec(space=space, executor=SLURM)
     assert msg.startswith(f"{path}:{field}: ") and message in msg, msg
 
 
-def test_hostile_command_line_values_are_refused(tmp_path, good_study, monkeypatch, capsys):
+def test_hostile_command_line_values_are_refused(tmp_path, refuse_spec, capsys):
     """--out-dir reaches `#SBATCH --output=...`; --set and a base file reach the job: both are checked too."""
-    monkeypatch.chdir(tmp_path)
-    path = write_spec(good_study, tmp_path, executor=SLURM)
-    msg = refused(tmp_path, path, capsys, "--out-dir", f"{tmp_path}/o\ntouch pwned")
+    path, msg = refuse_spec("--out-dir", f"{tmp_path}/o\ntouch pwned", executor=SLURM)
     assert msg.startswith(f"{path}:out_dir: control character '\\n'"), msg
     msg = refused(tmp_path, path, capsys, "--set", r'data.cache_dir="/x\ntouch pwned"')
     assert msg.startswith(f"{path}:--set data.cache_dir: control character '\\n'"), msg
@@ -239,11 +226,8 @@ def test_load_yaml_keeps_anchors_and_merges(tmp_path):
     ({"objective.w": [1.5], "variant": {"grid": [{"optim.lr": 0.001}, {"train.seed": 0}]}},
      "space.variant", "give the same trial config"),  # both equal the base config's defaults
 ])
-def test_duplicate_grid_points_are_errors_naming_the_field(tmp_path, good_study, monkeypatch, capsys, space, field,
-                                                           points):
-    monkeypatch.chdir(tmp_path)
-    path = write_spec(good_study, tmp_path, space=space)
-    msg = refused(tmp_path, path, capsys)
+def test_duplicate_grid_points_are_errors_naming_the_field(refuse_spec, space, field, points):
+    path, msg = refuse_spec(space=space)
     assert msg.startswith(f"{path}:{field}: grid points ") and points in msg, msg
     assert msg.endswith("give the same trial config (it would train twice; keep one value)")
 
