@@ -29,16 +29,19 @@ def is_module(name: str) -> bool:
     return rel.with_suffix(".py").is_file() or (rel / "__init__.py").is_file()
 
 
-def imports(path: Path) -> set[str]:
-    """The mgbench modules `path` imports, at any depth of the file (a `from pkg import mod` names the module)."""
-    name = module_name(path)
+def runtime_imports(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of `path` at any depth, without those under `if TYPE_CHECKING:` (annotations only)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
                    for stmt in block.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in typing_only]
+
+
+def imports(path: Path) -> set[str]:
+    """The mgbench modules `path` imports, at any depth of the file (a `from pkg import mod` names the module)."""
+    name = module_name(path)
     found = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:   # `if TYPE_CHECKING:` imports are for annotations, not a dependency at run time
-            continue
+    for node in runtime_imports(path):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "mgbench"}
         elif isinstance(node, ast.ImportFrom):
@@ -62,14 +65,15 @@ def _is_type_checking(test: ast.expr) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def layer(module: str) -> str:
+def layer(module: str) -> str | None:
+    """The module's layer (an entry of ORDER); None for a package no layer names."""
     if module in BASE:
         return "base"
     parts = module.split(".")
     if module in ("mgbench.cli", "mgbench.__main__") or parts[-1] == "cli":
         return "cli"
     group = parts[1]
-    return next(entry for entry in ORDER if group in entry.split("|"))
+    return next((entry for entry in ORDER if group in entry.split("|")), None)
 
 
 def graph() -> dict[str, set[str]]:
@@ -77,12 +81,25 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_has_a_layer():
-    assert [m for m in graph() if not any(layer(m) == entry for entry in ORDER)] == []
+    assert [m for m in graph() if layer(m) is None] == []
+
+
+def test_trainer_and_evaluation_know_nothing_of_optuna_submitit_mlflow_or_studies():
+    """The trainer runs alone (`mgbench train`, torchrun) and logs through `tracking.Tracker` only."""
+    banned = {"optuna", "submitit", "mlflow"}
+    found = []
+    for path in sorted((PKG / "trainer").rglob("*.py")) + sorted((PKG / "evaluation").rglob("*.py")):
+        for node in runtime_imports(path):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{module_name(path)} imports {n}" for n in names if n.split(".")[0] in banned]
+    assert found == []
 
 
 def upward_imports(edges: dict[str, set[str]]) -> list[str]:
     upward = []
     for module, targets in edges.items():
+        if layer(module) is None or any(layer(t) is None for t in targets):
+            continue   # test_every_module_has_a_layer names it
         here = ORDER.index(layer(module))
         for target in sorted(targets):
             there = ORDER.index(layer(target))
@@ -122,6 +139,9 @@ def test_the_check_sees_an_upward_import():
     other, a package reaching a command-line module."""
     found = imports(PKG / "trainer" / "loop.py")
     assert {"mgbench.config", "mgbench.tracking"} <= found
+    third_party = {a.name for n in runtime_imports(PKG / "study" / "trial.py") if isinstance(n, ast.Import)
+                   for a in n.names}
+    assert {"optuna", "submitit"} <= third_party   # what the trainer test looks for is found where it is imported
     assert "mgbench.study.spec" in imports(PKG / "study" / "runner.py")   # `from mgbench.study.spec import X`
     bad = {"mgbench.trainer.startup": {"mgbench.evaluation.metrics"}, "mgbench.config": {"mgbench.trainer.models"},
            "mgbench.bench.harness": {"mgbench.ui"}, "mgbench.study.spec": {"mgbench.report.cli"}}

@@ -11,7 +11,8 @@ from conftest import STUDIES
 
 from mgbench.report.cli import add_report_parser, run_report
 from mgbench.report.load import load_runs
-from mgbench.report.renderers import ALL, render
+from mgbench.report.items import ALL
+from mgbench.report.renderers import render
 
 QUICKSTART = STUDIES / "quickstart.yaml"
 # The quickstart as written (vanilla, MG w=1.25 and 1.5, CFG sweep 0.5/1/2, the real grid2d evaluation), shrunk to

@@ -138,7 +138,8 @@ def experiment_ids(tracking_uri: str | None, study: str | None, experiment: str 
     return [e.experiment_id for e in client.search_experiments()]
 
 
-SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")   # database stores that the direct reader handles
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SEARCH_PAGE = 10_000   # runs per page of the public-client reader   # database stores that the direct reader handles
 
 
 def load_runs(tracking_uri: str | None, study: str | None = None, experiment: str | None = None,
@@ -175,9 +176,6 @@ def _search_mlflow(tracking_uri: str | None, ids: list[str], clauses: dict[str, 
         token = page.token
         if not token:
             return pd.DataFrame(rows)
-
-
-SEARCH_PAGE = 10_000   # runs per page of the public-client reader
 
 
 def _filter_string(clauses: dict[str, str]) -> str:

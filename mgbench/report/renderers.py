@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mgbench.report.items import ALL, FIGURE_STEMS, FIGURES, TABLES, default_out, expand  # noqa: F401 (ALL: re-exported)
+from mgbench.report.items import FIGURE_STEMS, FIGURES, TABLES, default_out, expand
 from mgbench.stores import Source
 
 if TYPE_CHECKING:   # pandas only where tables are built

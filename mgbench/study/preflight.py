@@ -181,14 +181,14 @@ def trial_problems(spec: StudySpec) -> list[str]:
     from mgbench.study.executors import executor_params
     from mgbench.trainer.startup import check_startup, clear_caches
 
-    if spec.eval_hook == DEFAULT_EVAL_HOOK:
-        from mgbench.evaluation.hook import startup_problems
-
     clear_caches()
     params_ex = executor_params(spec)
     world = job_world_size(spec.executor.type, params_ex)
     local = spec.executor.type != "slurm"
-    evaluation = spec.eval_hook == DEFAULT_EVAL_HOOK
+    evaluation = spec.eval_hook == DEFAULT_EVAL_HOOK   # mgbench's own hook: its weights files are checked too
+    if evaluation:
+        from mgbench.evaluation.hook import startup_problems
+
     points = grid_points(spec) if spec.sampler.type == "grid" else corner_points(spec)
     out: list[str] = []
     for params in points:
