@@ -81,14 +81,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         hook = make_eval_hook(cfg)   # a missing weights file fails here, before a run or a step
     tracker: T.Tracker = T.NullTracker()
-    run = None
+    store, run_id = None, None
     if args.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri)
-        mlflow.set_experiment(args.experiment or cfg.name)
-        run = mlflow.start_run(run_name=cfg.name, tags={T.TAG_ROLE: "train", T.TAG_OUT_DIR: cfg.out_dir})
-        tracker = T.MlflowTracker(run.info.run_id, args.tracking_uri)
+        store = T.RunStore(args.tracking_uri)
+        run_id = store.start_run(store.experiment(args.experiment or cfg.name), cfg.name,
+                                 {T.TAG_ROLE: "train", T.TAG_OUT_DIR: cfg.out_dir})
+        tracker = T.MlflowTracker(run_id, args.tracking_uri)
     from mgbench.trainer.progress import ConsoleProgress
 
     print(f"train {cfg.name}: {cfg.train.steps} steps, out_dir {cfg.out_dir}", flush=True)
@@ -98,13 +96,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except OSError as e:  # a full disk, a file-size limit, an unwritable folder: one line, exit 1 (rerun resumes)
         display.close()
         print_error(args._parser.prog, e)
+        if store is not None:
+            store.end(run_id, "FAILED")
         return 1
+    except BaseException as e:  # a diverged run, Ctrl-C: the run ends FAILED or KILLED, not left RUNNING
+        if store is not None:
+            store.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         display.close()
-    if run is not None:
-        import mlflow
-
-        mlflow.end_run()
+    if store is not None:
+        store.end(run_id)
     metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
     print(f"{result.status} at step {result.step}: {result.out_dir} (w={result.w:.3f}) {metrics}")
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mgbench.tracking import TAG_ROLE
 
 Source = tuple[str, "str | None"]   # (study name, its MLflow tracking URI), as mgbench.report.renderers.resolve_studies gives
 
@@ -40,10 +39,6 @@ def require_runs(sources: list[Source], given: list[str]) -> None:
 
 def _has_trial_runs(study: str, tracking_uri: str) -> bool:
     """Whether the study's experiment holds at least one trial run (reads an existing store only)."""
-    from mgbench.tracking import mlflow_client
+    from mgbench.tracking import RunStore
 
-    client = mlflow_client(tracking_uri)
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        return False
-    return bool(client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'", max_results=1))
+    return RunStore(tracking_uri).has_trials(study)

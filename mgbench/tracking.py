@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 # Tag keys on every mgbench run.
 TAG_STUDY = "mgbench.study"            # study name (also the experiment name)
@@ -179,11 +179,201 @@ def mlflow_client(tracking_uri: str | None) -> Any:
     return MlflowClient(tracking_uri)
 
 
+TAG_ERROR = "mgbench.error"   # a failed trial's error (first 5000 characters); the traceback is the artifact below
+A_ERROR = "error.txt"         # artifact of a failed trial: its error and traceback
+PARAM_BATCH = 100             # MLflow's log_batch limits per request: params, tags ...
+METRIC_BATCH = 1000           # ... and metrics
+
+
+def study_tags(study: str) -> dict[str, str]:
+    """The tags of a study's parent run."""
+    return {TAG_STUDY: study, TAG_ROLE: "study"}
+
+
+def trial_tags(study: str, number: int, parent_id: str, status: str = "running", scale: str | None = None,
+               **extra: str | None) -> dict[str, str]:
+    """The tags of trial `number`'s nested run (extra: further tag key -> value; None values are left out)."""
+    tags = {TAG_PARENT: parent_id, TAG_STUDY: study, TAG_ROLE: "trial", TAG_TRIAL: str(number), TAG_STATUS: status,
+            TAG_SCALE: scale, **extra}
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+class RunStore:
+    """mgbench's runs in one MLflow store, through MLflow's public client: the one writer of study and trial runs
+    (the study runner, trial jobs, reused-trial copies, test fixtures) and their paged reader."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = mlflow_client(tracking_uri)
+
+    def experiment(self, name: str, artifact_location: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """The experiment named `name` (restored if deleted), or a new one with these tags."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            return self.client.create_experiment(name, artifact_location=artifact_location, tags=tags)
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def study_run(self, exp_id: str, study: str) -> Any | None:
+        """The study's parent run, or None."""
+        found = self.client.search_runs([exp_id], filter_string=_tags_filter(study_tags(study)), max_results=1)
+        return found[0] if found else None
+
+    def start_run(self, exp_id: str, run_name: str, tags: dict[str, str]) -> str:
+        """Create a run; returns its id."""
+        return self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+    def start_study_run(self, exp_id: str, study: str, params: dict[str, Any] | None = None) -> str:
+        """Create the study's parent run (with its summary params); returns its id."""
+        run_id = self.start_run(exp_id, study, study_tags(study))
+        self.log_params(run_id, params or {})
+        return run_id
+
+    def start_trial_run(self, exp_id: str, parent_id: str, study: str, number: int, run_name: str,
+                        status: str = "running", scale: str | None = None, **extra: str | None) -> str:
+        """Create trial `number`'s run nested under the study run (tags: `trial_tags`); returns its id."""
+        return self.start_run(exp_id, run_name, trial_tags(study, number, parent_id, status, scale, **extra))
+
+    def find_trial_run(self, exp_id: str, study: str, number: int, since: float) -> str | None:
+        """The run of trial `number` of `study` created at or after `since` (seconds), or None."""
+        clauses = {TAG_ROLE: "trial", TAG_STUDY: study, TAG_TRIAL: str(number)}
+        found = self.client.search_runs([exp_id], _tags_filter(clauses) + f" and attributes.start_time >= "
+                                        f"{int((since - 1) * 1000)}", order_by=["attributes.start_time ASC"],
+                                        max_results=1)
+        return found[0].info.run_id if found else None
+
+    def log_params(self, run_id: str, params: dict[str, Any], skip_logged: bool = False) -> None:
+        """Log params as strings (MLflow's length cap applied). MLflow refuses a changed value: skip_logged leaves
+        out the keys the run has already (a resumed run logs its params again)."""
+        from mlflow.entities import Param
+
+        logged = self.client.get_run(run_id).data.params if skip_logged else {}
+        items = [Param(k, _param_str(v)) for k, v in params.items() if k not in logged]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + PARAM_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: list[Any]) -> None:
+        """Log MLflow `Metric` entities, in batches."""
+        for i in range(0, len(metrics), METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + METRIC_BATCH])
+
+    def log_values(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Log metric values at one step."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        self.log_metrics(run_id, [Metric(k, float(v), ts, step) for k, v in values.items()])
+
+    def log_tags(self, run_id: str, tags: dict[str, str | None]) -> None:
+        """Set tags (None values are left out), in batches."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(run_id, tags=items[i:i + PARAM_BATCH])
+
+    def log_yaml(self, run_id: str, data: dict[str, Any], artifact: str) -> None:
+        """Attach `data` as a YAML artifact at path `artifact` (folder/name.yaml)."""
+        import tempfile
+
+        import yaml
+
+        folder, name = artifact.rsplit("/", 1) if "/" in artifact else (None, artifact)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            self.client.log_artifact(run_id, str(path), folder)
+
+    def set_status(self, run_id: str, status: str, error: str | None = None, traceback_text: str | None = None) -> None:
+        """Set a trial run's mgbench status (STATUS_TO_MLFLOW), attach a failure's error, end the run unless it is
+        still running. The run ends even when the error cannot be attached."""
+        self.client.set_tag(run_id, TAG_STATUS, status)
+        if error:
+            try:
+                self.client.set_tag(run_id, TAG_ERROR, error[:5000])
+                self.client.log_text(run_id, error + ("\n\n" + traceback_text if traceback_text else "") + "\n",
+                                     A_ERROR)
+            except Exception as e:  # noqa: BLE001 - the trial's result.json keeps the error either way
+                import sys
+
+                print(f"could not attach the error to MLflow run {run_id}: {e}", file=sys.stderr)
+        end = STATUS_TO_MLFLOW[status]
+        if end != "RUNNING":
+            self.client.set_terminated(run_id, end)
+
+    def end(self, run_id: str, mlflow_status: str = "FINISHED") -> None:
+        """End a run that has no mgbench status (a study's parent run, a `mgbench train` run)."""
+        self.client.set_terminated(run_id, mlflow_status)
+
+    def status_tag(self, run_id: str) -> str | None:
+        """A trial run's mgbench status tag (None: no such tag)."""
+        return self.client.get_run(run_id).data.tags.get(TAG_STATUS)
+
+    def experiment_id(self, name: str) -> str | None:
+        """The id of the active experiment named `name`, or None."""
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+    def experiment_ids(self) -> list[str]:
+        """Every active experiment's id."""
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def set_experiment_tags(self, exp_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_experiment_tag(exp_id, key, value)
+
+    def has_trials(self, study: str) -> bool:
+        """Whether the study's experiment holds at least one trial run."""
+        exp_id = self.experiment_id(study)
+        return exp_id is not None and bool(self.client.search_runs([exp_id], _tags_filter({TAG_ROLE: "trial"}),
+                                                                   max_results=1))
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """A metric's (step, value) history, by step; the value logged last at a step wins."""
+        points = sorted((m.step, m.timestamp, m.value) for m in self.client.get_metric_history(run_id, key))
+        return list({int(step): value for step, _, value in points}.items())
+
+    def artifact_files(self, run_id: str, folder: str | None = None) -> list[str]:
+        """The paths of a run's artifact files under `folder` (all of them: None), sub-folders included."""
+        files, stack = [], list(self.client.list_artifacts(run_id, folder))
+        while stack:
+            a = stack.pop()
+            if a.is_dir:
+                stack.extend(self.client.list_artifacts(run_id, a.path))
+            else:
+                files.append(a.path)
+        return sorted(files)
+
+    def download(self, run_id: str, path: str, into: str | Path) -> Path:
+        """Download one artifact of a run into a local folder; its local path."""
+        import os
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per small file
+        return Path(self.client.download_artifacts(run_id, path, str(into)))
+
+    def search_runs(self, exp_ids: list[str], tags: dict[str, str], page: int = 10_000) -> Iterator[Any]:
+        """Every active run of these experiments whose tags have these values, page by page."""
+        token = None
+        while True:
+            found = self.client.search_runs(exp_ids, _tags_filter(tags), max_results=page, page_token=token)
+            yield from found
+            token = found.token
+            if not token:
+                return
+
+
+def _tags_filter(tags: dict[str, str]) -> str:
+    """An MLflow filter string matching these tag values."""
+    return " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), chr(92) + chr(39))}'" for k, v in tags.items())
+
+
 class MlflowTracker:
     """Logs to one MLflow run by id; metrics are batched (one request per `flush_every` seconds)."""
 
     def __init__(self, run_id: str, tracking_uri: str | None = None, flush_every: float = 5.0) -> None:
-        self.client = mlflow_client(tracking_uri)
+        self.store = RunStore(tracking_uri)
+        self.client = self.store.client
         self.run_id = run_id
         self.flush_every = flush_every
         self._pending: list[Any] = []
@@ -197,13 +387,7 @@ class MlflowTracker:
         return self._seen[key]
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        # A resumed run logs the same params again: MLflow refuses changed values, so skip known keys.
-        items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self.store.log_params(self.run_id, params, skip_logged=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -222,8 +406,7 @@ class MlflowTracker:
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
-        for i in range(0, len(pending), 1000):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+        self.store.log_metrics(self.run_id, pending)
         self._last_flush = time.monotonic()
 
 

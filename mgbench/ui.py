@@ -263,15 +263,13 @@ def runs_page_link(url: str, experiment_id: str) -> str:
 
 def mark_study_experiment(tracking_uri: str, spec: Any) -> str | None:
     """Set the study's UI tags on its experiment (studies from before them lack them); its id, None if none yet."""
-    from mgbench.tracking import mlflow_client, study_ui_tags
+    from mgbench.tracking import RunStore, study_ui_tags
 
-    client = mlflow_client(tracking_uri)
-    exp = client.get_experiment_by_name(spec.name)
-    if exp is None or exp.lifecycle_stage != "active":
-        return None
-    for key, value in study_ui_tags(spec).items():
-        client.set_experiment_tag(exp.experiment_id, key, value)
-    return exp.experiment_id
+    store = RunStore(tracking_uri)
+    exp_id = store.experiment_id(spec.name)
+    if exp_id is not None:
+        store.set_experiment_tags(exp_id, study_ui_tags(spec))
+    return exp_id
 
 
 def study_link_lines(url: str, spec: Any) -> list[str]:

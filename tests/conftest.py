@@ -132,9 +132,9 @@ def wait_for_job(job, timeout: float, poll: float = 0.5) -> None:
 
 
 def sqlite_mlflow_store(tmp_path_factory, name: str = "mlflow") -> tuple[Path, str, object]:
-    """A fresh MLflow store (sqlite, in a new folder `name`*) for synthetic runs: (its folder, uri, client)."""
-    from mgbench.tracking import mlflow_client
+    """A fresh MLflow store (sqlite, in a new folder `name`*) for synthetic runs: (its folder, uri, RunStore)."""
+    from mgbench.tracking import RunStore
 
     root = tmp_path_factory.mktemp(name)
     uri = f"sqlite:///{root}/mlflow.db"
-    return root, uri, mlflow_client(uri)
+    return root, uri, RunStore(uri)

@@ -56,12 +56,12 @@ def _spec(folder: Path, name: str, db: Path) -> str:
 @pytest.fixture(scope="module")
 def specs(tmp_path_factory):
     """Spec files of three studies: `toy` and `extra` in one store, `ghost` never run (no store)."""
-    from mgbench.tracking import mlflow_client
+    from mgbench.tracking import RunStore
 
     root = tmp_path_factory.mktemp("claims")
     db = root / "mlflow.db"
-    client = mlflow_client(f"sqlite:///{db}")
-    exp, parent = start_study(client, "toy", str(root / "art"))
+    writer = RunStore(f"sqlite:///{db}")
+    exp, parent = start_study(writer, "toy", str(root / "art"))
     trials = [({"objective.w": 1.0, "train.seed": s}, {**_metrics(v), **_metrics(c1, T.metric_sweep(1.0, "fid")),
                                                        **_metrics(c05, T.metric_sweep(0.5, "fid"))})
               for s, (v, c1, c05) in enumerate(zip(W10, W10_CFG1, W10_CFG05))]
@@ -70,16 +70,16 @@ def specs(tmp_path_factory):
     trials += [({"objective.w": 2.0, "train.seed": s}, _metrics(v)) for s, v in enumerate(W20)]
     trials += [({"objective.w": 1.75, "train.seed": 0}, _metrics(W175))]
     for i, (over, metrics) in enumerate(trials):
-        log_trial(client, "toy", exp, parent, i, trial_params(**DIT, **over), metrics)
+        log_trial(writer, "toy", exp, parent, i, trial_params(**DIT, **over), metrics)
     # A failed run that would change every w = 1.5 number if it were counted.
-    log_trial(client, "toy", exp, parent, 99, trial_params(**DIT, **{"objective.w": 1.5, "train.seed": 3}),
+    log_trial(writer, "toy", exp, parent, 99, trial_params(**DIT, **{"objective.w": 1.5, "train.seed": 3}),
               {FID: 0.01}, status="failed")
-    exp, parent = start_study(client, "extra", str(root / "art"))
-    log_trial(client, "extra", exp, parent, 0, trial_params(**DIT, **{"objective.w": 1.5, "objective.label_drop": 0.2,
+    exp, parent = start_study(writer, "extra", str(root / "art"))
+    log_trial(writer, "extra", exp, parent, 0, trial_params(**DIT, **{"objective.w": 1.5, "objective.label_drop": 0.2,
                                                                      "train.seed": 0}), _metrics(LAM02))
     for s, v in enumerate(WIN_FED2):
         over = {"objective.w": 1.5, "model.w_input": True, "objective.w_range": [1.0, 2.0], "train.seed": s}
-        log_trial(client, "extra", exp, parent, 1 + s, trial_params(**DIT, **over),
+        log_trial(writer, "extra", exp, parent, 1 + s, trial_params(**DIT, **over),
                   {FID: 9.0, T.metric_wsweep(2.0, "fid"): v})
     return {"toy": _spec(root, "toy", db), "extra": _spec(root, "extra", db),
             "ghost": _spec(root, "ghost", root / "ghost" / "mlflow.db"), "root": root}

@@ -36,26 +36,26 @@ def test_sweep_metric_name_is_valid_for_mlflow():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Study `figs`: sweeps (Fig. 4), FID histories (Fig. 5), sizes (Fig. 6), 2D toy samples (Fig. 2)."""
-    root, uri, client = sqlite_mlflow_store(tmp_path_factory)
-    exp, parent = start_study(client, "figs", str(root / "art"))
+    root, uri, writer = sqlite_mlflow_store(tmp_path_factory)
+    exp, parent = start_study(writer, "figs", str(root / "art"))
     size = {T.M_PARAMS: 1e6, T.M_GFLOPS: 0.5, T.M_NFE: 50.0}
     vanilla = {FID: 20.0, IS: 50.0, **size, **_sweep({0.5: {"fid": 12.0, "is": 90.0}, 1.0: {"fid": 10.0, "is": 120.0}})}
     mg = {FID: 8.0, IS: 130.0, **size, **_sweep({0.5: {"fid": 9.0, "is": 150.0}})}
     big = {FID: 5.0, T.M_PARAMS: 4e6, T.M_GFLOPS: 2.0, T.M_NFE: 50.0}
     hist_v = {FID: [(500, 40.0), (1000, 30.0), (1500, 25.0), (2000, 20.0)]}
     hist_m = {FID: [(500, 30.0), (1000, 18.0), (1500, 12.0), (2000, 8.0)]}
-    log_trial(client, "figs", exp, parent, 0, trial_params(**DIT), vanilla, history=hist_v)
-    log_trial(client, "figs", exp, parent, 1, trial_params(**DIT, **{"objective.w": 1.5}), mg, history=hist_m)
-    log_trial(client, "figs", exp, parent, 2, trial_params(**{**DIT, "model.arch": "DiT-S/2", "objective.w": 1.5}), big)
+    log_trial(writer, "figs", exp, parent, 0, trial_params(**DIT), vanilla, history=hist_v)
+    log_trial(writer, "figs", exp, parent, 1, trial_params(**DIT, **{"objective.w": 1.5}), mg, history=hist_m)
+    log_trial(writer, "figs", exp, parent, 2, trial_params(**{**DIT, "model.arch": "DiT-S/2", "objective.w": 1.5}), big)
     rng = np.random.default_rng(0)
     for i, over in enumerate([{}, {"objective.w": 1.5}, {"sample.guidance": "cfg", "sample.cfg_scale": 1.0}]):
-        rid = log_trial(client, "figs", exp, parent, 3 + i, trial_params(**TOY, **over), {"eval/in_class": 0.9})
+        rid = log_trial(writer, "figs", exp, parent, 3 + i, trial_params(**TOY, **over), {"eval/in_class": 0.9})
         path = root / f"samples{i}.npz"
         np.savez(path, x=rng.normal(size=(200, 2)), y=rng.integers(0, 2, 200), traj=rng.normal(size=(5, 200, 2)))
-        client.log_artifact(rid, str(path), "samples")
+        writer.client.log_artifact(rid, str(path), "samples")
         (root / "samples.npz").unlink(missing_ok=True)
         path.rename(root / "samples.npz")
-        client.log_artifact(rid, str(root / "samples.npz"), "samples")
+        writer.client.log_artifact(rid, str(root / "samples.npz"), "samples")
     return uri
 
 
@@ -137,16 +137,16 @@ def test_figures_idempotent(store, tmp_path):
 
 def test_fig4_mean_and_se_over_runs(tmp_path):
     """Two vanilla runs: mean and SE over runs; one MG run: the SE over its sample seeds (sampling only)."""
-    from mgbench.tracking import mlflow_client
+    from mgbench.tracking import RunStore
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = mlflow_client(uri)
-    exp, parent = start_study(client, "se", str(tmp_path / "art"))
+    writer = RunStore(uri)
+    exp, parent = start_study(writer, "se", str(tmp_path / "art"))
     s05 = T.metric_sweep(0.5, "fid")
     for i, (over, fid, swept) in enumerate([({}, 20.0, 12.0), ({"train.seed": 1}, 22.0, 12.6),
                                            ({"objective.w": 1.5}, 8.0, 9.0)]):
         metrics = {FID: fid, s05: swept, T.metric_se(s05): 0.05, T.M_SAMPLE_SEEDS: 5.0}
-        log_trial(client, "se", exp, parent, i, trial_params(**DIT, **over), metrics)
+        log_trial(writer, "se", exp, parent, i, trial_params(**DIT, **over), metrics)
     data = F.fig4(L.load_runs(uri, "se"), tmp_path)
     van = data[(data["training"] == "vanilla") & (data["metric"] == "fid")].set_index("cfg_scale")
     assert van.loc[0.5, "mean"] == pytest.approx(12.3) and van.loc[0.5, "n"] == 2

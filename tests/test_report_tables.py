@@ -21,17 +21,17 @@ SIT = {"model.arch": "DiT-T/2", "data.name": "digits", "objective.formulation": 
 CFG = {"sample.guidance": "cfg", "sample.cfg_scale": 1.0}
 
 
-def _log(client, study, exp, parent, runs):
+def _log(writer, study, exp, parent, runs):
     for i, (over, metrics, status) in enumerate(runs):
-        log_trial(client, study, exp, parent, i, trial_params(**over), metrics, status=status)
+        log_trial(writer, study, exp, parent, i, trial_params(**over), metrics, status=status)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Two studies: `ablate` (w sweep with seeds, a failed and a missing setting) and `system` (Tables 1/2)."""
-    root, uri, client = sqlite_mlflow_store(tmp_path_factory)
-    exp, parent = start_study(client, "ablate", str(root / "art"))
-    _log(client, "ablate", exp, parent, [
+    root, uri, writer = sqlite_mlflow_store(tmp_path_factory)
+    exp, parent = start_study(writer, "ablate", str(root / "art"))
+    _log(writer, "ablate", exp, parent, [
         ({**DIT, "objective.w": 1.0}, {FID: 40.0, IS: 50.0, PREC: 0.5}, "finished"),
         ({**DIT, "objective.w": 1.25}, {FID: 10.0, IS: 100.0, PREC: 0.6}, "finished"),
         ({**DIT, "objective.w": 1.5, "train.seed": 0}, {FID: 7.0, IS: 100.0, PREC: 0.7}, "finished"),
@@ -43,8 +43,8 @@ def store(tmp_path_factory):
         ({**SIT, "objective.w": 1.5}, {FID: 6.0, IS: 140.0}, "finished"),
         ({**DIT, "objective.w": 1.5, "objective.label_drop": 0.2}, {FID: 11.0, IS: 90.0}, "finished"),
     ])
-    exp, parent = start_study(client, "system", str(root / "art"))
-    _log(client, "system", exp, parent, [
+    exp, parent = start_study(writer, "system", str(root / "art"))
+    _log(writer, "system", exp, parent, [
         ({**DIT, "objective.w": 1.0, "train.seed": 0}, {FID: 20.0, IS: 50.0, T.M_IMG_PER_S: 100.0}, "finished"),
         ({**DIT, "objective.w": 1.0, "train.seed": 1}, {FID: 22.0, IS: 54.0, T.M_IMG_PER_S: 100.0}, "finished"),
         ({**DIT, **CFG, "objective.w": 1.0}, {FID: 10.0, IS: 90.0, T.M_IMG_PER_S: 50.0}, "finished"),
@@ -180,7 +180,7 @@ def test_bench_report_small(tmp_path):
 
 def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, capsys):
     """Table 3's w rows and its AUTO row live in two studies, each with its own store: one table from both."""
-    from mgbench.tracking import mlflow_client
+    from mgbench.tracking import RunStore
 
     stores = {}
     for name, rows in (("t3_w", [({**DIT, "objective.w": 1.0}, {FID: 40.0}), ({**DIT, "objective.w": 1.5}, {FID: 7.0})]),
@@ -188,9 +188,9 @@ def test_render_several_studies_from_their_own_stores(tmp_path, monkeypatch, cap
         root = tmp_path / name
         root.mkdir()
         stores[name] = f"sqlite:///{root}/mlflow.db"
-        client = mlflow_client(stores[name])
-        exp, parent = start_study(client, name, str(root / "art"))
-        _log(client, name, exp, parent, [(over, metrics, "finished") for over, metrics in rows])
+        writer = RunStore(stores[name])
+        exp, parent = start_study(writer, name, str(root / "art"))
+        _log(writer, name, exp, parent, [(over, metrics, "finished") for over, metrics in rows])
     paths = render("table3", [("t3_w", stores["t3_w"]), ("t3_auto", stores["t3_auto"])], out=tmp_path / "out")
     table = pd.read_csv(next(p for p in paths if p.suffix == ".csv"))
     measured = table[table["source"] == "measured"].set_index("setting")["fid"]
@@ -270,9 +270,9 @@ SEEDED_RUNS = [   # (overrides, {tracked name: run mean}); every run at 5 sample
 def seeded(tmp_path_factory):
     """Study `seeded`: vanilla (3 seeds, CFG sweep at s = 0.5, 1), MG w=1.5 (3 seeds), w=1.25 (1 seed),
     a w-input model (2 seeds, w sweep at 1.33, 1.5, 2); every run evaluated at 5 sample seeds."""
-    root, uri, client = sqlite_mlflow_store(tmp_path_factory, "seeded")
-    exp, parent = start_study(client, "seeded", str(root / "art"))
-    ids = [log_trial(client, "seeded", exp, parent, i, trial_params(**over), _seeded(**means))
+    root, uri, writer = sqlite_mlflow_store(tmp_path_factory, "seeded")
+    exp, parent = start_study(writer, "seeded", str(root / "art"))
+    ids = [log_trial(writer, "seeded", exp, parent, i, trial_params(**over), _seeded(**means))
            for i, (over, means) in enumerate(SEEDED_RUNS)]
     return uri, L.load_runs(uri, "seeded"), ids
 
@@ -393,8 +393,8 @@ def _grid(prefix: str, in_class: float, wrong: float, sub: float, coverage: floa
 def toy_runs(tmp_path_factory):
     """Study `toy`: vanilla at 2 training seeds x 3 sample seeds with a CFG sweep (0.5, 1.0); MG w=1.5 (implied
     s = 1) at 2 seeds; MG w=1.25 from before wrong_class/off_board/subcell_coverage existed; MG w=1.75 failed."""
-    root, uri, client = sqlite_mlflow_store(tmp_path_factory, "toy")
-    exp, parent = start_study(client, "toy", str(root / "art"))
+    root, uri, writer = sqlite_mlflow_store(tmp_path_factory, "toy")
+    exp, parent = start_study(writer, "toy", str(root / "art"))
     ev, sw = "eval/{}", lambda s: T.metric_sweep(s, "{}")
     runs = []
     for seed, (a, b) in enumerate([(0.78, 0.86), (0.80, 0.84)]):
@@ -411,7 +411,7 @@ def toy_runs(tmp_path_factory):
     runs.append(({**TOY, "objective.w": 1.75, IMPLIED: 3.0}, {}, "failed"))
     for i, (over, metrics, status) in enumerate(runs):
         params = {**trial_params(**{k: v for k, v in over.items() if k != IMPLIED}), IMPLIED: str(over.get(IMPLIED))}
-        log_trial(client, "toy", exp, parent, i, params, metrics, status=status, scale="grid2d, 3000 steps")
+        log_trial(writer, "toy", exp, parent, i, params, metrics, status=status, scale="grid2d, 3000 steps")
     return L.load_runs(uri, "toy")
 
 

@@ -334,11 +334,12 @@ def test_trial_record_and_mlflow_spec_artifact_hold_no_password(tmp_path, good_s
     uri = "postgresql://alice:${MGBENCH_TEST_PW}@db.example/optuna"
     spec = load_spec(write_spec(good_study, tmp_path, storage=uri))
     assert spec.storage == PG.replace(":5432", "")  # the real URI stays for connecting
-    c = runs.client(spec)
-    exp = runs.experiment_id(c, spec)
-    parent = runs.parent_run(c, exp, spec)
+    store = runs.open_store(spec)
+    c = store.client
+    exp = runs.experiment_id(store, spec)
+    parent = runs.parent_run(store, exp, spec)
     cfg = validate_trial(spec, {"objective.w": 1.5})
-    run_id = runs.trial_run(c, exp, parent, spec, 0, {"objective.w": 1.5}, cfg)
+    run_id = runs.trial_run(store, exp, parent, spec, 0, {"objective.w": 1.5}, cfg)
     for rid in (parent, run_id):
         local = Path(c.download_artifacts(rid, runs.A_SPEC, str(tmp_path / rid)))
         logged = yaml.safe_load(local.read_text())

@@ -172,7 +172,7 @@ def test_study_experiment_is_created_with_the_ui_tags_and_an_older_one_gets_them
     from mgbench.study.spec import load_spec
 
     spec = load_spec(tmp_spec(tmp_path))
-    exp_id = runs.experiment_id(runs.client(spec), spec)  # what `study run` does first
+    exp_id = runs.experiment_id(runs.open_store(spec), spec)  # what `study run` does first
     tags = mlflow_client(spec.tracking_uri).get_experiment(exp_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["mgbench.study"] == "_test_ui"

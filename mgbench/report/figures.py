@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -156,15 +156,11 @@ def speedups(data: pd.DataFrame) -> pd.DataFrame:
 def metric_histories(tracking_uri: str | None | dict[str, str | None], run_ids: list[str],
                      metric: str = FID) -> dict[str, list[tuple[int, float]]]:
     """(step, value) history of one metric per run, from MLflow (one URI, or a URI per run id)."""
-    from mgbench.tracking import mlflow_client
-
-    clients: dict[str | None, Any] = {}
+    stores: dict[str | None, T.RunStore] = {}
     out = {}
     for run_id in run_ids:
         uri = tracking_uri.get(run_id) if isinstance(tracking_uri, dict) else tracking_uri
-        client = clients.setdefault(uri, mlflow_client(uri))
-        hist = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, metric))
-        out[run_id] = list({s: v for s, _, v in hist}.items())   # the latest value logged at each step
+        out[run_id] = stores.setdefault(uri, T.RunStore(uri)).history(run_id, metric)
     return out
 
 
@@ -231,11 +227,8 @@ def fig6(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
 
 def load_samples(tracking_uri: str | None, run_id: str, artifact: str = T.A_SAMPLES_NPZ) -> dict[str, np.ndarray]:
     """The arrays of a run's `samples/samples.npz` artifact (x, y, optional traj)."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per small file
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=tracking_uri)
-    with np.load(path) as npz:
+    with tempfile.TemporaryDirectory(prefix="mgbench-samples-") as tmp, \
+            np.load(T.RunStore(tracking_uri).download(run_id, artifact, tmp)) as npz:
         return {k: npz[k] for k in npz.files}
 
 
@@ -272,12 +265,10 @@ def one_run_per_method(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _cfg_panels(chosen: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
     """Vanilla runs' seeds sampled under CFG (`samples/samples_cfg_<s>.npz`, one per eval.cfg_sweep scale)."""
-    from mgbench.tracking import mlflow_client
-
-    client = mlflow_client(tracking_uri)
+    store = T.RunStore(tracking_uri)
     frames = []
     for r in _finished(chosen[chosen[L.VARIANT] == "vanilla"]):
-        names = sorted(a.path for a in client.list_artifacts(r[L.RUN_ID], T.A_SAMPLES) if "samples_cfg_" in a.path)
+        names = [p for p in store.artifact_files(r[L.RUN_ID], T.A_SAMPLES) if "samples_cfg_" in p]
         for art in names:
             scale = float(art.rsplit("samples_cfg_", 1)[1].removesuffix(".npz"))
             label = f"CFG s={scale:.2f}"

@@ -18,32 +18,24 @@ def trial_params(**overrides: Any) -> dict[str, str]:
     return {k: str(v) for k, v in params.items()}
 
 
-def start_study(client: Any, study: str, artifact_location: str | None = None) -> tuple[str, str]:
+def start_study(store: T.RunStore, study: str, artifact_location: str | None = None) -> tuple[str, str]:
     """Create the study's experiment and its parent run; returns (experiment id, parent run id)."""
-    exp = client.get_experiment_by_name(study)
-    exp_id = exp.experiment_id if exp else client.create_experiment(study, artifact_location=artifact_location)
-    parent = client.create_run(exp_id, tags={T.TAG_STUDY: study, T.TAG_ROLE: "study"}, run_name=study)
-    return exp_id, parent.info.run_id
+    exp_id = store.experiment(study, artifact_location)
+    return exp_id, store.start_study_run(exp_id, study)
 
 
-def log_trial(client: Any, study: str, exp_id: str, parent_id: str, trial: int, params: dict[str, str],
+def log_trial(store: T.RunStore, study: str, exp_id: str, parent_id: str, trial: int, params: dict[str, str],
               metrics: dict[str, float], status: str = "finished", scale: str = "digits, 2000 steps",
               history: dict[str, list[tuple[int, float]]] | None = None, final_step: int = 2000) -> str:
-    """Log one nested trial run (tags, params, final metrics at `final_step`, optional histories); returns its id."""
-    from mlflow.entities import Metric, Param
+    """Log one nested trial run (tags, params, final metrics at `final_step`, optional histories) through the
+    runner's writer; returns its id."""
+    from mlflow.entities import Metric
 
-    tags = {T.TAG_STUDY: study, T.TAG_ROLE: "trial", T.TAG_TRIAL: str(trial), T.TAG_STATUS: status,
-            T.TAG_SCALE: scale, T.TAG_PARENT: parent_id}
-    run = client.create_run(exp_id, tags=tags, run_name=T.trial_run_name({"trial": trial}))
+    run_id = store.start_trial_run(exp_id, parent_id, study, trial, T.trial_run_name({"trial": trial}), scale=scale)
     ts = int(time.time() * 1000)
-    metric_list = [Metric(k, float(v), ts, final_step) for k, v in metrics.items()]
-    for name, points in (history or {}).items():
-        metric_list += [Metric(name, float(v), ts, int(s)) for s, v in points]
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    for i in range(0, len(metric_list), 1000):
-        client.log_batch(run.info.run_id, metrics=metric_list[i:i + 1000])
-    if status != "running":
-        client.set_terminated(run.info.run_id, T.STATUS_TO_MLFLOW[status])
-    return run.info.run_id
+    points = [Metric(k, float(v), ts, final_step) for k, v in metrics.items()]
+    points += [Metric(name, float(v), ts, int(s)) for name, series in (history or {}).items() for s, v in series]
+    store.log_params(run_id, params)
+    store.log_metrics(run_id, points)
+    store.set_status(run_id, status)
+    return run_id

@@ -1,6 +1,6 @@
 """What happens to a trial's job once the driver has it: submit (with its intent recorded first), refusal,
 adoption after a killed driver, death, loss, resubmission for a free slot, cancel. A mixin of the Driver
-(mgbench.study.runner), which owns the study, the MLflow client, the lock and the event log.
+(mgbench.study.runner), which owns the study, the run store, the lock and the event log.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Any
 import submitit
 from optuna.trial import TrialState
 
-from mgbench.study import runs
 from mgbench.study.crashpoints import crash_point
 from mgbench.study.executors import JobRef, job_ref, submitit_folder
 from mgbench.study.jobstate import cancel_job, find_submitted
@@ -36,7 +35,7 @@ class SubmitRefused(RuntimeError):
 
 
 class JobLifecycle:
-    """The Driver's handling of jobs (see the module docstring); expects spec, study, mlflow, inflight, waiting,
+    """The Driver's handling of jobs (see the module docstring); expects spec, study, store, inflight, waiting,
     n_accepted, echo, warn, _lock, _event, _log_event, _get_executor, reuse from the Driver."""
 
     def submit(self, numbers: list[int]) -> None:
@@ -81,7 +80,7 @@ class JobLifecycle:
         """sbatch refused: each trial FAILs with its message; with nothing of this driver accepted or in flight,
         the study stops."""
         for n in numbers:
-            mark_refused(self.spec, self.study, self.mlflow, n, message)
+            mark_refused(self.spec, self.study, self.store, n, message)
             self._log_event("refused", n, error=message)
         stop = self.n_accepted == 0 and not self.inflight
         if stop:
@@ -136,7 +135,7 @@ class JobLifecycle:
             error = f"its job {how}; {deaths} deaths, max_retries {self.spec.max_retries}"
             self.echo(f"trial {number}: {error}; marked failed")
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            runs.set_status(self.mlflow, rec["run_id"], "failed", error)
+            self.store.set_status(rec["run_id"], "failed", error)
             self._event("end", number, status="failed", value=None)
             return
         say = f"job {how}: resubmitting from its checkpoint (retry {deaths} of {self.spec.max_retries})"
@@ -160,7 +159,7 @@ class JobLifecycle:
     def _cancelled(self, number: int, reason: str) -> None:
         """End the trial as CANCELLED (never resubmitted, unless --retry-cancelled)."""
         with self._lock():
-            done = mark_cancelled(self.spec, self.study, self.mlflow, number, reason)
+            done = mark_cancelled(self.spec, self.study, self.store, number, reason)
         self.inflight.pop(number, None)
         self.waiting = [n for n in self.waiting if n != number]
         if done:

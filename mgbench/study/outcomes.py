@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from mgbench.study import runs
 from mgbench.study.spec import StudySpec
 from mgbench.study.trial import RESULT_FILE, TRIAL_FILE, read_json, trial_dir, write_json
+from mgbench.tracking import RunStore
 
 UA_CANCELLED = "mgbench.cancelled"        # Optuna user attr of a cancelled trial (state FAIL): why
 UA_RETRY_OF = "mgbench.retry_of"          # Optuna user attr of a trial that retries a cancelled one: its number
@@ -52,7 +53,7 @@ def trial_id_of(study: Any, number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
-def mark_cancelled(spec: StudySpec, study: Any, client: Any, number: int, reason: str) -> bool:
+def mark_cancelled(spec: StudySpec, study: Any, store: RunStore, number: int, reason: str) -> bool:
     """End a trial as CANCELLED (Optuna, MLflow, result.json); False when it had ended otherwise first. Idempotent;
     the caller holds the study lock."""
     folder = trial_dir(spec, number)
@@ -67,14 +68,14 @@ def mark_cancelled(spec: StudySpec, study: Any, client: Any, number: int, reason
         return False
     rec = read_json(folder / TRIAL_FILE) or {}
     if rec.get("run_id"):
-        runs.set_status(client, rec["run_id"], "cancelled")
+        store.set_status(rec["run_id"], "cancelled")
     progress = read_json(folder / "progress.json") or {}
     write_json(folder / RESULT_FILE, {"status": "cancelled", "value": None, "metrics": {}, "error": reason,
                                       "step": progress.get("step"), "finished_at": time.time()})
     return True
 
 
-def mark_refused(spec: StudySpec, study: Any, client: Any, number: int, message: str) -> None:
+def mark_refused(spec: StudySpec, study: Any, store: RunStore, number: int, message: str) -> None:
     """End a trial sbatch refused as FAIL: the message in Optuna (user attr), MLflow (FAILED, mgbench.error) and
     trial.json / result.json."""
     folder = trial_dir(spec, number)
@@ -88,7 +89,7 @@ def mark_refused(spec: StudySpec, study: Any, client: Any, number: int, message:
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     error = f"sbatch refused the job: {message}"
     if rec.get("run_id"):
-        runs.set_status(client, rec["run_id"], "failed", error)
+        store.set_status(rec["run_id"], "failed", error)
     write_json(folder / RESULT_FILE, {"status": "failed", "value": None, "metrics": {}, "step": None,
                                       "error": error, "finished_at": time.time()})
 
@@ -148,7 +149,7 @@ def cancel_trials(spec: StudySpec, number: int | None = None, echo: Callable[[st
     if number is not None and not running:
         echo(f"[{spec.name}] trial {number}: not running, nothing to cancel")
         return 1
-    client = runs.client(spec)
+    store = runs.open_store(spec)
     jobs: dict[int, dict[str, str] | None] = {}
     with study_lock(spec):  # the intent first: a driver that sees the job end now knows it was cancelled
         for t in running:
@@ -168,7 +169,7 @@ def cancel_trials(spec: StudySpec, number: int | None = None, echo: Callable[[st
                  "as cancelled when it stops")
             continue
         with study_lock(spec):
-            done = mark_cancelled(spec, study, client, n, CANCEL_REASON)
+            done = mark_cancelled(spec, study, store, n, CANCEL_REASON)
         job = f" (job {ref['job_id']})" if ref else ""
         echo(f"[{spec.name}] trial {n}: " + (f"cancelled{job}" if done else "had already ended, left as it was"))
     if not running:

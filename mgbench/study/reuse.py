@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mgbench.tracking import (A_CONFIG, TAG_CONFIG_HASH, TAG_OUT_DIR, TAG_REUSED_FROM, TAG_ROLE, TAG_STATUS,
-                              TAG_STUDY, TAG_TRIAL)
+                              TAG_STUDY, TAG_TRIAL, RunStore)
 
 # Trainer config fields that do not change what a trial measures: its identity and folders, how often it logs
 # and checkpoints, how its run is split into jobs, the device, and objective.force (a validation override that
@@ -115,40 +115,28 @@ def tell_reused(study: Any, trial_id: int, number: int, src: Source) -> None:
     study.tell(number, src.value, skip_if_finished=True)
 
 
-def copy_run(dst: Any, run_id: str, src: Source, default_uri: str) -> None:
+def copy_run(dst: RunStore, run_id: str, src: Source, default_uri: str) -> None:
     """Copy the source run's params, every metric step, tags and artifacts into run `run_id` (read all first)."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mgbench.tracking import mlflow_client
-
     uri = src.tracking_uri or default_uri
-    reader = dst if uri == default_uri else mlflow_client(uri)
-    run = reader.get_run(src.run_id)
-    history = [m for key in run.data.metrics for m in reader.get_metric_history(src.run_id, key)]
-    have = dst.get_run(run_id).data.params
-    params = [Param(k, v) for k, v in run.data.params.items() if k not in have]
-    tags = [RunTag(k, v) for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k not in OWN_TAGS]
+    reader = dst if uri == default_uri else RunStore(uri)
+    run = reader.client.get_run(src.run_id)
+    history = [m for key in run.data.metrics for m in reader.client.get_metric_history(src.run_id, key)]
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k not in OWN_TAGS}
     with tempfile.TemporaryDirectory() as tmp:
         files = _download_artifacts(reader, src.run_id, Path(tmp))
-        for i in range(0, len(params), 100):
-            dst.log_batch(run_id, params=params[i:i + 100])
-        for i in range(0, len(history), 1000):
-            dst.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step) for m in history[i:i + 1000]])
-        for i in range(0, len(tags), 100):
-            dst.log_batch(run_id, tags=tags[i:i + 100])
+        dst.log_params(run_id, run.data.params, skip_logged=True)
+        dst.log_metrics(run_id, history)
+        dst.log_tags(run_id, tags)
         for local, folder in files:
-            dst.log_artifact(run_id, str(local), folder)
-    dst.set_tag(run_id, TAG_REUSED_FROM, src.label)
+            dst.client.log_artifact(run_id, str(local), folder)
+    dst.client.set_tag(run_id, TAG_REUSED_FROM, src.label)
 
 
-def _download_artifacts(client: Any, run_id: str, into: Path) -> list[tuple[Path, str | None]]:
+def _download_artifacts(store: RunStore, run_id: str, into: Path) -> list[tuple[Path, str | None]]:
     """Every artifact file of a run except OWN_ARTIFACTS, downloaded: (local file, artifact folder)."""
     out: list[tuple[Path, str | None]] = []
-    stack = [a for a in client.list_artifacts(run_id) if a.path not in OWN_ARTIFACTS]
-    while stack:
-        a = stack.pop()
-        if a.is_dir:
-            stack.extend(client.list_artifacts(run_id, a.path))
+    for path in store.artifact_files(run_id):
+        if path.split("/", 1)[0] in OWN_ARTIFACTS:
             continue
-        local = Path(client.download_artifacts(run_id, a.path, str(into)))
-        out.append((local, a.path.rsplit("/", 1)[0] if "/" in a.path else None))
+        out.append((store.download(run_id, path, into), path.rsplit("/", 1)[0] if "/" in path else None))
     return out

@@ -19,7 +19,7 @@ from mgbench.study.trial import (
     read_json,
     trial_dir,
 )
-from mgbench.tracking import TAG_STATUS, trial_run_name
+from mgbench.tracking import trial_run_name
 
 
 def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     except KeyError:  # no such study yet
         trials = {}
-    client = runs.client(spec) if records else None
+    store = runs.open_store(spec) if records else None
     numbers = sorted(set(trials) | set(records))
     jobs = job_column(numbers, trials, records)
     rows = []
@@ -51,7 +51,7 @@ def status_rows(spec: StudySpec) -> list[dict[str, Any]]:
                      "latest": latest_metric(progress, spec.optimize.metric),
                      "duration": _duration(t), "job": job_state, "result": result.get("status", "-"),
                      "reused": _reused_label(t.user_attrs.get(UA_REUSED_FROM) if t is not None else None),
-                     "run_id": rec.get("run_id", "-"), "mlflow": _run_status(client, rec.get("run_id"))})
+                     "run_id": rec.get("run_id", "-"), "mlflow": _run_status(store, rec.get("run_id"))})
     return rows
 
 
@@ -130,11 +130,11 @@ def _reused_label(source: str | None) -> str:
     return f"{study} #{number}"
 
 
-def _run_status(client: Any, run_id: str | None) -> str:
-    if client is None or not run_id:
+def _run_status(store: Any, run_id: str | None) -> str:
+    if store is None or not run_id:
         return "-"
     try:
-        return client.get_run(run_id).data.tags.get(TAG_STATUS, "-")
+        return store.status_tag(run_id) or "-"
     except Exception:  # noqa: BLE001 - a missing run shows as such
         return "missing"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,12 +21,10 @@ from mgbench.config import train_config_from_dict
 from mgbench.redact import redact
 from mgbench.study.spec import StudySpec
 from mgbench.study.spec_checks import DEFAULT_ENTRY, DEFAULT_EVAL_HOOK
-from mgbench.tracking import STATUS_TO_MLFLOW, TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
+from mgbench.tracking import TAG_SLURM_JOB, TAG_STATUS, MlflowTracker
 
 TRIAL_FILE = "trial.json"     # identity: study, number, Optuna trial id, MLflow run id, folder, params, config, jobs
 RESULT_FILE = "result.json"   # outcome of the latest job: status, value, metrics, step, error
-TAG_ERROR = "mgbench.error"   # a failed trial's error (first 5000 characters); the traceback is the artifact below
-A_ERROR = "error.txt"         # artifact of a failed trial: its error and traceback
 PROGRESS_FILE = "progress.json"  # the trainer's latest report: step, total, rate, ETA, loss, last evaluation
 RESUMABLE = "resumable"       # result.json status of a job stopped by its environment (a checkpoint it could not write)
 
@@ -260,7 +257,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         started = time.time()
         tracker = MlflowTracker(rec["run_id"], self.spec.tracking_uri) if rank == 0 else None
         if tracker is not None:
-            _set_tags(tracker, {TAG_STATUS: "running", TAG_SLURM_JOB: slurm_job_tag()})
+            tracker.store.log_tags(tracker.run_id, {TAG_STATUS: "running", TAG_SLURM_JOB: slurm_job_tag()})
         try:
             result = self._train(rec, tracker)
         except Exception as e:  # noqa: BLE001 - every failure is recorded, never lost
@@ -302,28 +299,11 @@ def _failure(e: BaseException) -> dict[str, Any]:
             "traceback": traceback.format_exc()}
 
 
-def record_error(client: Any, run_id: str, error: str, traceback_text: str | None = None) -> None:
-    """Attach a failure to the trial's MLflow run: the error as a tag, error and traceback as an artifact."""
-    client.set_tag(run_id, TAG_ERROR, error[:5000])
-    client.log_text(run_id, error + ("\n\n" + traceback_text if traceback_text else "") + "\n", A_ERROR)
-
-
-def _set_tags(tracker: MlflowTracker, tags: dict[str, str | None]) -> None:
-    for k, v in tags.items():
-        if v is not None:
-            tracker.client.set_tag(tracker.run_id, k, v)
-
-
 def _close_run(tracker: MlflowTracker, result: dict[str, Any]) -> None:
     """Flush metrics; a finished, failed or pruned trial ends its MLflow run (paused or resumable keeps it running)."""
     tracker.flush()
     status = result["status"]
     if status in ("paused", RESUMABLE):
         return
-    tracker.client.set_tag(tracker.run_id, TAG_STATUS, status)
-    if status == "failed":
-        try:
-            record_error(tracker.client, tracker.run_id, result.get("error") or "failed", result.get("traceback"))
-        except Exception as e:  # noqa: BLE001 - result.json has the error either way; the run must still end
-            print(f"could not attach the error to MLflow run {tracker.run_id}: {e}", file=sys.stderr)
-    tracker.client.set_terminated(tracker.run_id, STATUS_TO_MLFLOW[status])
+    error = (result.get("error") or "failed") if status == "failed" else None
+    tracker.store.set_status(tracker.run_id, status, error, result.get("traceback"))
