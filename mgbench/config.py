@@ -238,7 +238,7 @@ class LoopConfig:
     precision: str = "fp32"        # fp32 | bf16 (autocast on GPU)
     tf32: bool = True              # allow TF32 matmuls on GPU
     device: str = "auto"           # auto | cpu | cuda
-    compile: bool | str = "auto"   # torch.compile the model and its EMA teacher: auto (on iff CUDA) | true | false
+    compile: bool | str = "auto"   # torch.compile the model and its EMA teacher, fuse AdamW: auto (on iff CUDA) | true | false
 
     def validate(self, where: str) -> None:
         _compile_choice(where, self.compile)

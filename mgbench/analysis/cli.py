@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mgbench.analysis.frontier import DIVERSITY_METRICS, QUALITY_METRICS
+from mgbench.metric_registry import axis_metrics
 
 
 def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "frontier") -> argparse.ArgumentParser:
@@ -17,9 +17,9 @@ def add_frontier_parser(subparsers: argparse._SubParsersAction, name: str = "fro
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<study>/report; the committed ones: --out reports/...)")
-    p.add_argument("--quality", choices=sorted(QUALITY_METRICS), default=None,
+    p.add_argument("--quality", choices=sorted(axis_metrics("quality")), default=None,
                    help="quality axis (default: off_support for grid2d, fid for images)")
-    p.add_argument("--diversity", choices=sorted(DIVERSITY_METRICS), default=None,
+    p.add_argument("--diversity", choices=sorted(axis_metrics("diversity")), default=None,
                    help="diversity axis (default: swd for grid2d, recall for images)")
     p.add_argument("--level", type=float, default=0.9, help="confidence level of the bootstrap CIs")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")

@@ -31,11 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# Metric -> higher is better. Quality axes and diversity axes per kind of data.
-QUALITY_METRICS = {"off_support": False, "in_class": True, "fid": False, "is": True, "precision": True}
-# grid2d: sliced Wasserstein distance to the data grows monotonically with guidance strength (samples pile into
-# the squares' far corners), while coverage saturates at 1.0 with 2,000 samples (measured on frontier_grid2d_small).
-DIVERSITY_METRICS = {"coverage": True, "recall": True, "swd": False}
+from mgbench.metric_registry import axis_metrics, metric_info
+
 DEFAULT_AXES = {"grid2d": ("off_support", "swd"), "images": ("fid", "recall")}
 
 # Columns of the long "points" table every function here reads.
@@ -54,11 +51,12 @@ def default_axes(dataset: str) -> tuple[str, str]:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Direction of a quality or diversity metric; unknown metrics are an error naming the known ones."""
-    table = {**QUALITY_METRICS, **DIVERSITY_METRICS}
-    if metric not in table:
-        raise ValueError(f"unknown metric {metric!r} (known: {', '.join(table)})")
-    return table[metric]
+    """Direction of a quality or diversity metric (mgbench.metric_registry); other metrics are an error naming the
+    known ones."""
+    axes = axis_metrics("quality") + axis_metrics("diversity")
+    if metric not in axes:
+        raise ValueError(f"unknown metric {metric!r} (known: {', '.join(axes)})")
+    return metric_info(metric).higher_is_better
 
 
 @dataclass

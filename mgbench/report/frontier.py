@@ -120,9 +120,7 @@ def points_from_runs(runs: pd.DataFrame, quality: str, diversity: str) -> pd.Dat
 
 def points_from_history(tracking_uri: str | None, runs: pd.DataFrame, quality: str, diversity: str) -> pd.DataFrame:
     """Frontier points at every step where a run logged its evaluations (MLflow metric histories)."""
-    from mgbench.tracking import mlflow_client
-
-    client = mlflow_client(tracking_uri)
+    store = T.RunStore(tracking_uri)
     sweeps = sweep_columns(runs.columns)
     names = [T.metric_eval(m) for m in (quality, diversity, "nfe")]
     names += [c for cols in sweeps.values() for c in cols.values()]
@@ -131,8 +129,8 @@ def points_from_history(tracking_uri: str | None, runs: pd.DataFrame, quality: s
         by_step: dict[int, dict[str, float]] = {}
         for name in names:
             if name in rec and not math.isnan(_num(rec[name])):
-                for m in sorted(client.get_metric_history(rec["run_id"], name), key=lambda m: (m.step, m.timestamp)):
-                    by_step.setdefault(int(m.step), {})[name] = m.value
+                for step, value in store.history(rec["run_id"], name):
+                    by_step.setdefault(step, {})[name] = value
         for step, values in sorted(by_step.items()):
             rows += record_points({**rec, **{n: math.nan for n in names}, **values}, quality, diversity, sweeps, step)
     return pd.DataFrame(rows, columns=POINT_COLUMNS)
