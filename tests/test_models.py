@@ -149,7 +149,7 @@ def _checkerboard(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tenso
 
 @pytest.mark.slow
 def test_mlp_learns_the_checkerboard():
-    """MLP-S flow model, 5,000 steps of batch 512 on CPU (~1-3 min): most samples land on their class's cells.
+    """MLP-S flow model, 2,000 steps of batch 512 on CPU (~1 min): most samples land on their class's cells.
 
     Trained by the production objective and step (vanilla flow loss, label dropout 0.1 to the empty class),
     so the test checks what the trainer optimises, not a copy of it.
@@ -159,7 +159,7 @@ def test_mlp_learns_the_checkerboard():
     model = build_model("MLP-S", input_shape=(2,), num_classes=2)
     objective = Objective(ObjectiveConfig(formulation="flow", w=1.0, label_drop=0.1), num_classes=2)
     m = step_modules(model, torch.optim.Adam(model.parameters(), lr=1e-3))
-    for _ in range(5000):
+    for _ in range(2000):
         x0, y = _checkerboard(512, g)
         noise = objective.draw(512, (2,), g, w_now=1.0)
         train_step(m, objective, x0, y, noise, mg_on=False, ema_decay=0.999)
@@ -170,4 +170,6 @@ def test_mlp_learns_the_checkerboard():
                    guidance="cfg", cfg_scale=s, num_classes=2).x
         cells = (x + 2).floor().long()
         hits.append(((x.abs() < 2).all(1) & (cells.sum(1) % 2 == labels)).float().mean().item())
-    assert hits[0] > 0.75 and hits[1] > hits[0] + 0.05, hits  # measured with a hand-written loop: 0.83, 0.96
+    # Measured (seed 0, 2026-12-06): 0.631/0.713 after 1,000 steps, 0.746/0.899 after 2,000, 0.752/0.886 after 3,000;
+    # a sample that ignores its label lands on its colour half the time.
+    assert hits[0] > 0.7 and hits[1] > hits[0] + 0.1, hits

@@ -8,7 +8,7 @@ from mgbench.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from mgbench.trainer.guidance import cond_and_uncond
 from mgbench.trainer.models import build_model
 from mgbench.trainer.objective import Objective
-from mgbench.trainer.step import lerp_ema, step_modules, train_step
+from mgbench.trainer.step import adamw, lerp_ema, step_modules, train_step
 from mgbench import tracking as T
 
 torch.set_num_threads(1)
@@ -128,6 +128,43 @@ def test_ema_is_the_decayed_average_in_closed_form():
     lerp_ema(ema, model, 0.75)
     for e, s, p in zip(ema.parameters(), start, model.parameters()):
         torch.testing.assert_close(e.double(), 0.75 * s + 0.25 * p.detach().double(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_takes_the_adamw_step_written_out_by_hand():
+    """The fused AdamW of a compiled run: AdamW's update in closed form (bias-corrected moments, decoupled decay),
+    over three steps of fixed gradients."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    lr, wd, (b1, b2), eps = 1e-2, 0.1, (0.9, 0.99), 1e-8
+    opt = adamw(net, lr, wd, (b1, b2), fused=True)
+    assert opt.defaults["fused"] is True
+    p = [q.detach().double().clone() for q in net.parameters()]
+    m, v = [torch.zeros_like(q) for q in p], [torch.zeros_like(q) for q in p]
+    grads = [[torch.randn_like(q) for q in p] for _ in range(3)]
+    for k, gs in enumerate(grads, start=1):
+        for q, g in zip(net.parameters(), gs):
+            q.grad = g.float()
+        opt.step()
+        for i, g in enumerate(gs):
+            p[i] = p[i] * (1 - lr * wd)
+            m[i], v[i] = b1 * m[i] + (1 - b1) * g, b2 * v[i] + (1 - b2) * g * g
+            p[i] = p[i] - lr * (m[i] / (1 - b1 ** k)) / ((v[i] / (1 - b2 ** k)).sqrt() + eps)
+    for q, want in zip(net.parameters(), p):
+        torch.testing.assert_close(q.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_run_fuses_adamw_and_an_eager_one_does_not(tmp_path):
+    from mgbench.trainer import distributed as D
+    from mgbench.trainer.build import run_dataset
+    from mgbench.trainer.loop import build_step_modules
+
+    for compile in (False, True):
+        cfg = train_config_from_dict({"out_dir": str(tmp_path), "data": {"name": "grid2d"}, "model": {"arch": "MLP-S"},
+                                      "train": {"compile": compile, "device": "cpu"}})
+        env = D.setup("cpu")
+        m = build_step_modules(cfg, run_dataset(cfg, tmp_path, env.device), env)
+        assert bool(m.opt.defaults["fused"]) is compile
+        assert (m.net is m.model) is not compile
 
 
 # ----------------------------------------------------------------------------- chunked N-label teacher

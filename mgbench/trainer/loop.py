@@ -33,7 +33,7 @@ from mgbench.trainer.hooks import EvalContext, EvalHook
 from mgbench.trainer.objective import Objective, implied_cfg_scale
 from mgbench.trainer.outputs import model_cost, write_samples
 from mgbench.trainer.progress import Progress, ProgressFn
-from mgbench.trainer.step import StepModules, ema_decay_at, step_modules, train_step
+from mgbench.trainer.step import StepModules, adamw, ema_decay_at, step_modules, train_step
 
 # Fields that may change between invocations on the same run folder (everything else must match). The speed
 # knobs (compile, uncond_chunk) change results only by float rounding, so runs from before them resume too.
@@ -67,50 +67,30 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
     tracker = tracker or T.NullTracker()
     tc, oc = cfg.train, cfg.objective
     env = setup_device(cfg)
-    device, rank, world = env.device, env.rank, env.world_size
     out = Path(cfg.out_dir)
 
-    # Data, model, EMA teacher, optimiser.
-    data = run_dataset(cfg, out, device)
+    # Data, model, EMA teacher (compiled for sampling when asked), optimiser, automatic w.
+    data = run_dataset(cfg, out, env.device)
     m = build_step_modules(cfg, data, env)
-    model = m.model
-    sampler = torch.compile(m.ema) if compile_enabled(cfg.sample.compile, device) else m.ema
+    sampler = torch.compile(m.ema) if compile_enabled(cfg.sample.compile, env.device) else m.ema
     objective = Objective(oc, data.num_classes, cfg.model.w_input, cfg.model.learn_sigma)
     autow = AutoW.for_run(cfg) if oc.auto_w.enabled else None
-
-    # Resume from the latest checkpoint, or start a new run folder.
-    step, window, last_eval = 0, Window(), {}
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        step, window, last_eval = restore(cfg, ckpt, m, autow)
-        if rank == 0 and step < tc.steps:
-            tracker.log_metrics({T.M_RESUMED: step}, step=step)
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / T.A_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if rank == 0 and step == 0:
-        log_run_params(cfg, model, data, device, tracker)
 
     def current_w() -> float:
         return autow.w if autow is not None else oc.w
 
-    def evaluate() -> dict[str, float]:
-        decay = ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
-        probes = autow.probes(step, decay) if autow is not None else {}  # same checkpoint, other w
-        ctx = EvalContext(cfg, sampler, step, current_w(), device, data, str(out), rank, world, probes)
-        return eval_hook(ctx) if eval_hook is not None else {}
-
     def report(kind: str, values: dict[str, float]) -> None:
-        if progress is not None and rank == 0:
+        if progress is not None and env.rank == 0:
             progress(Progress(step, tc.steps, start_step, time.perf_counter() - started, "step", kind, values))
 
+    step, window, last_eval = open_run(cfg, m, autow, data, env, tracker)  # resumes from the latest checkpoint
     pending: list[tuple[dict[str, float], int]] = []   # step metrics waiting for the checkpoint that covers them
     losses: list[tuple[int, float]] = []
     done_here, start_step, started = 0, step, time.perf_counter()
-    model.train()
+    m.model.train()
     while step < tc.steps:
         t0 = time.perf_counter()
-        x0, y, noise = draw_batch(data, objective, cfg, step, current_w(), rank, world, device)
+        x0, y, noise = draw_batch(data, objective, cfg, step, current_w(), env.rank, env.world_size, env.device)
         loss, mg_share = train_step(m, objective, x0, y, noise, mg_on=oc.mg and step >= oc.start_step,
                                     ema_decay=ema_decay_at(cfg.optim.ema_decay, step, cfg.optim.ema_warmup),
                                     grad_clip=cfg.optim.grad_clip, bf16=tc.precision == "bf16")
@@ -131,12 +111,10 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
 
         # Evaluate (and move automatic w).
         if eval_now:
-            last_eval = evaluate()
-            decay = ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
-            decision = autow.update(step, last_eval, decay) if autow is not None else {}
+            last_eval, decision = evaluate(cfg, sampler, step, current_w(), data, env, eval_hook, autow)
             pending.append((T.tracked_eval(last_eval) | decision, step))
             report("eval", last_eval)
-            model.train()
+            m.model.train()
 
         # Save state checkpoint (metrics reach the tracker only with the checkpoint that covers them).
         if save_now:
@@ -144,11 +122,8 @@ def train(cfg: TrainConfig, tracker: T.Tracker | None = None, eval_hook: EvalHoo
         if capped and step < tc.steps:
             return TrainResult("paused", step, str(out), current_w(), last_eval, losses)
 
-    # Final samples (grid image, and the points themselves for grid2d).
-    if rank == 0 and done_here > 0:
-        for path in write_samples(cfg, sampler, data, current_w(), device, out, step):
-            tracker.log_artifact(path, T.A_SAMPLES)
-        tracker.flush()
+    if env.rank == 0 and done_here > 0:
+        log_samples(cfg, sampler, data, current_w(), env.device, step, tracker)
     return TrainResult("finished", step, str(out), current_w(), last_eval, losses)
 
 
@@ -188,6 +163,46 @@ class Window:
         return {"loss": self.loss, "mg": self.mg, "n": self.n, "time": self.time}
 
 
+def open_run(cfg: TrainConfig, m: StepModules, autow: AutoW | None, data: Dataset, env: D.DistEnv,
+             tracker: T.Tracker) -> tuple[int, Window, dict[str, float]]:
+    """Resume from the run folder's latest checkpoint, or start the folder (its config file; params and model size
+    to the tracker); (step, window, last evaluation)."""
+    out = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        step, window, last_eval = restore(cfg, ckpt, m, autow)
+        if env.rank == 0 and step < cfg.train.steps:
+            tracker.log_metrics({T.M_RESUMED: step}, step=step)
+    else:
+        step, window, last_eval = 0, Window(), {}
+        if env.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / T.A_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if env.rank == 0 and step == 0:
+        log_run_params(cfg, m.model, data, env.device, tracker)
+    return step, window, last_eval
+
+
+def evaluate(cfg: TrainConfig, sampler: torch.nn.Module, step: int, w: float, data: Dataset, env: D.DistEnv,
+             eval_hook: EvalHook | None, autow: AutoW | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Evaluate the EMA teacher after `step` steps (automatic w adds its probes: the same checkpoint sampled at other
+    w) and let automatic w move; (metrics, automatic w's decision)."""
+    decay = ema_decay_at(cfg.optim.ema_decay, step - 1, cfg.optim.ema_warmup)
+    probes = autow.probes(step, decay) if autow is not None else {}
+    ctx = EvalContext(cfg, sampler, step, w, env.device, data, str(Path(cfg.out_dir)), env.rank, env.world_size,
+                      probes)
+    metrics = eval_hook(ctx) if eval_hook is not None else {}
+    return metrics, (autow.update(step, metrics, decay) if autow is not None else {})
+
+
+def log_samples(cfg: TrainConfig, sampler: torch.nn.Module, data: Dataset, w: float, device: torch.device, step: int,
+                tracker: T.Tracker) -> None:
+    """The final samples (a grid image; for grid2d the points themselves) as artifacts of the run."""
+    for path in write_samples(cfg, sampler, data, w, device, Path(cfg.out_dir), step):
+        tracker.log_artifact(path, T.A_SAMPLES)
+    tracker.flush()
+
+
 def setup_device(cfg: TrainConfig) -> D.DistEnv:
     """Join the process group, check the batch splits over the ranks, set TF32 on a GPU."""
     env = D.setup(cfg.train.device)
@@ -200,12 +215,12 @@ def setup_device(cfg: TrainConfig) -> D.DistEnv:
 
 
 def build_step_modules(cfg: TrainConfig, data: Dataset, env: D.DistEnv) -> StepModules:
-    """The model (initialised from the seed), AdamW and the EMA teacher; DDP-wrapped and compiled as configured."""
+    """The model (initialised from the seed), AdamW (fused when compiled) and the EMA teacher; DDP-wrapped and
+    compiled as configured."""
     torch.manual_seed(cfg.train.seed)
     model = run_model(cfg, data).to(env.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                            betas=tuple(cfg.optim.betas))
     compile = compile_enabled(cfg.train.compile, env.device)
+    opt = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), fused=compile)
     return step_modules(model, opt, teacher=cfg.objective.teacher, compile=compile, wrap=lambda net: D.wrap(net, env))
 
 

