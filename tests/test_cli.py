@@ -191,3 +191,41 @@ def test_reading_a_study_without_runs_says_what_to_run_and_creates_nothing(comma
         f"study _cli_tiny has no runs yet (no MLflow store at {tmp_path / 'out' / 'mlflow.db'}); "
         "run `mgbench study run tiny.yaml` first"), line
     assert tree(tmp_path) == before
+
+
+def test_train_with_a_tracking_uri_logs_one_finished_run_through_the_run_store(tmp_path):
+    """`mgbench train --tracking-uri`: one run tagged role=train in the named experiment, its config as params,
+    the windows' losses as step metrics, ended FINISHED."""
+    from mgbench.tracking import M_LOSS, TAG_OUT_DIR, TAG_ROLE, mlflow_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = mgbench("train", "studies/base/grid2d.yaml", "--tracking-uri", uri, "--experiment", "solo", "--no-eval",
+                  "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "train.ckpt_every=4",
+                  "--set", "optim.batch_size=32", "--set", "sample.n_grid=16", "--set", "sample.steps=4",
+                  "--set", "objective.w=1.5", "--set", f"out_dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("solo").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_ROLE] == "train" and run.data.tags[TAG_OUT_DIR] == str(tmp_path / "run")
+    assert run.data.params["train.steps"] == "4" and run.data.params["objective.w"] == "1.5"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, M_LOSS)] == [2, 4]
+
+
+def test_train_with_a_tracking_uri_ends_its_run_failed_when_training_raises(tmp_path, monkeypatch):
+    """A diverged or crashing run is not left RUNNING in MLflow: the error propagates and the run ends FAILED."""
+    from mgbench.cli import main
+    from mgbench.tracking import mlflow_client
+    from mgbench.trainer import loop
+
+    def diverges(*args, **kwargs):
+        raise loop.TrainingDiverged("loss is nan at step 3")
+
+    monkeypatch.setattr(loop, "train", diverges)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(loop.TrainingDiverged, match="step 3"):
+        main(["train", str(STUDIES / "base/grid2d.yaml"), "--tracking-uri", uri, "--experiment", "bad", "--no-eval",
+              "--set", f"out_dir={tmp_path / 'run'}"])
+    client = mlflow_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bad").experiment_id])
+    assert run.info.status == "FAILED"

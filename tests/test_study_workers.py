@@ -21,8 +21,8 @@ from mgbench_standins import EXECUTIONS_FILE
 from mgbench.study.optuna_io import make_storage
 from mgbench.study.runner import EVENTS_FILE, OWNER_ATTR, run_study
 from mgbench.study.spec import load_spec
-from mgbench.study.trial import A_ERROR, TAG_ERROR, read_json
-from mgbench.tracking import TAG_PARENT, TAG_ROLE, TAG_STATUS, TAG_TRIAL, mlflow_client
+from mgbench.study.trial import read_json
+from mgbench.tracking import A_ERROR, TAG_ERROR, TAG_PARENT, TAG_ROLE, TAG_STATUS, TAG_TRIAL, mlflow_client
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 

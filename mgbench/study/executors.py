@@ -3,7 +3,9 @@
 Spec option names are submitit's: the shared ones (timeout_min, mem_gb, gpus_per_node, tasks_per_node,
 cpus_per_task, nodes) as they are, SLURM-only ones (partition, account, qos, array_parallelism, setup,
 constraint, ...) with or without the `slurm_` prefix, `additional` for extra sbatch flags. submitit
-checks the names (unknown ones are errors).
+checks the names (unknown ones are errors). `warm` (local only, default true) is mgbench's own: local jobs are
+forked from a process with torch and MLflow imported (mgbench.study.warm); `warm: false` starts a fresh Python
+per job (submitit's LocalExecutor).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ from mgbench.config import ConfigError
 from mgbench.study.guards import time_limit_problem
 from mgbench.study.jobstate import ALIVE, job_states
 from mgbench.study.spec import StudySpec
+from mgbench.study.spec_checks import DEFAULT_EVAL_HOOK
 from mgbench.study.versions import check_unchanged
+from mgbench.study.warm import PRELOAD, WarmAutoExecutor
 
 GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
            "stderr_to_stdout")
@@ -37,6 +42,7 @@ MIN_VALUES = {"timeout_min": (1, "minutes"), "mem_gb": (1e-9, "GB"), "nodes": (1
               "slurm_signal_delay_s": (0, "seconds")}
 SLURM_TIME = re.compile(r"\d+|\d+:\d{1,2}(:\d{1,2})?|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?")  # sbatch --time formats
 SLURM_MEM = re.compile(r"\d+[KMGT]?B?", re.IGNORECASE)  # sbatch --mem / --mem-per-gpu
+WARM = "warm"  # executor option of local studies: jobs forked from a preloaded process (true, the default) or cold
 
 
 @dataclass
@@ -70,7 +76,7 @@ def executor_params(spec: StudySpec) -> dict[str, Any]:
         params.update(normalize(_load_profile(ex.profile, spec.path)))
     if ex.type == "slurm":  # the study's parallelism throttles its job arrays (%N), whatever the profile says
         params["slurm_array_parallelism"] = spec.parallelism
-    params.update(normalize(ex.options))
+    params.update(normalize({k: v for k, v in ex.options.items() if k != WARM}))
     return params
 
 
@@ -94,6 +100,13 @@ def check_executor(spec: StudySpec) -> dict[str, Any]:
     option (names and types), errors read `file:executor.<key>: ...`; a SLURM time limit must outlast the USR2
     delay, and the spec must be the one its study was first run with."""
     check_unchanged(spec)
+    if WARM in spec.executor.options:
+        value = spec.executor.options[WARM]
+        if spec.executor.type != "local":
+            raise ConfigError(f"{spec.path}:executor.{WARM}: only for type local (warm jobs are local processes), "
+                              f"not {spec.executor.type}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{spec.path}:executor.{WARM}: expected true or false, got {value!r}")
     params = executor_params(spec)
     raw_keys = {normalize({k: None}).popitem()[0]: k for k in spec.executor.options}
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,14 +165,42 @@ def submitit_folder(spec: StudySpec) -> Path:
 
 
 def make_executor(spec: StudySpec) -> submitit.AutoExecutor:
-    """The study's submitit executor with its parameters applied."""
+    """The study's submitit executor with its parameters applied (local: warm unless `warm: false`)."""
     folder = submitit_folder(spec)
-    ex = submitit.AutoExecutor(folder=folder, cluster=spec.executor.type)
+    if spec.executor.type == "local" and spec.executor.options.get(WARM, True):
+        ex = WarmAutoExecutor(folder, preload_modules(spec))
+    else:
+        ex = submitit.AutoExecutor(folder=folder, cluster=spec.executor.type)
     params = executor_params(spec)
     if spec.executor.type != "slurm":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     ex.update_parameters(**params)
     return ex
+
+
+def preload_modules(spec: StudySpec) -> list[str]:
+    """What a warm executor's zygote imports: torch, MLflow, Optuna, the trial job, the spec's trainer and hook
+    (mgbench's hook: what it imports when called, torch-fidelity and all), MLflow's SQL store (for its URI)."""
+    extra = [name.partition(":")[0] for name in (spec.entry, spec.eval_hook)]
+    if spec.eval_hook == DEFAULT_EVAL_HOOK:
+        extra.append("mgbench.evaluation.hook")
+    if not spec.tracking_uri.startswith(("http:", "https:", "databricks")):
+        extra.append("mlflow.store.tracking.sqlalchemy_store")
+    return list(dict.fromkeys([*PRELOAD, *extra]))
+
+
+def pause(executor: Any, seconds: float) -> None:
+    """The driver's wait between polls: `seconds`, or less when a warm job ends (its zygote tells at once)."""
+    if isinstance(executor, WarmAutoExecutor):
+        executor.pause(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def release(executor: Any) -> None:
+    """Let a warm executor's zygote go once the driver submits no more (jobs already forked run on)."""
+    if isinstance(executor, WarmAutoExecutor):
+        executor.close()
 
 
 def slurm_parameters(params: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from mgbench.config import ConfigError
 from mgbench.redact import mask_uri
 from mgbench.study import runs
 from mgbench.study.crashpoints import crash_point
-from mgbench.study.executors import check_executor, make_executor
+from mgbench.study.executors import check_executor, make_executor, pause, release
 from mgbench.study.jobstate import (
     ALIVE,
     CANCELLED,
@@ -128,9 +128,9 @@ class Driver(JobLifecycle):
             record_sets(spec)  # --set values: written by the first run, the same ones required of every rerun
             record_spec(spec)  # the spec the study first ran with: a changed one is refused (--new-version)
             self.study = open_study(spec)
-            self.mlflow = runs.client(spec)
-            self.exp_id = runs.experiment_id(self.mlflow, spec)
-            self.parent_id = runs.parent_run(self.mlflow, self.exp_id, spec)
+            self.store = runs.open_store(spec)
+            self.exp_id = runs.experiment_id(self.store, spec)
+            self.parent_id = runs.parent_run(self.store, self.exp_id, spec)
         self.inflight: dict[int, InFlight] = {}
         self.waiting: list[int] = []  # trials to resubmit (their job died or paused) once a slot is free
         self.n_accepted = 0           # submits of this driver that the executor accepted
@@ -155,14 +155,15 @@ class Driver(JobLifecycle):
                 self.fill()
                 if not self.inflight and not self.waiting:
                     break
-            time.sleep(self.spec.poll_s)
+            pause(self._executor, self.spec.poll_s)  # a warm local job that ends cuts it short
             self._heartbeat()
             self.poll()
             self.fill()
             self.show_progress()
+        release(self._executor)  # a warm executor's zygote; its jobs run on
         summary = self.summary()
         if wait and summary.n_running == 0:  # the last driver of the study closes the parent run
-            runs.finish_parent(self.mlflow, self.parent_id, summary.n_complete, summary.best_value)
+            runs.finish_parent(self.store, self.parent_id, summary.n_complete, summary.best_value)
         return summary
 
     def fill(self) -> None:
@@ -234,7 +235,7 @@ class Driver(JobLifecycle):
         if not rec.get("run_id"):
             write_json(path, rec)
             crash_point("run_intent")
-            rec["run_id"] = runs.trial_run(self.mlflow, self.exp_id, self.parent_id, self.spec, number, params, cfg,
+            rec["run_id"] = runs.trial_run(self.store, self.exp_id, self.parent_id, self.spec, number, params, cfg,
                                            digest, adopt_since=before.get("run_intent_at"))
             write_json(path, rec)
         retry_of = self.study._storage.get_trial(trial_id).user_attrs.get(UA_RETRY_OF)
@@ -257,12 +258,12 @@ class Driver(JobLifecycle):
         if src is None:
             return False
         try:
-            copy_run(self.mlflow, rec["run_id"], src, self.spec.tracking_uri)
+            copy_run(self.store, rec["run_id"], src, self.spec.tracking_uri)
         except Exception as e:  # noqa: BLE001 - a source run that cannot be read is trained instead
             self.echo(f"[{self.spec.name}] trial {number}: cannot copy {src.label} ({e}); training it")
             return False
         tell_reused(self.study, rec["trial_id"], number, src)
-        runs.set_status(self.mlflow, rec["run_id"], "finished")
+        self.store.set_status(rec["run_id"], "finished")
         write_json(folder / RESULT_FILE, {"status": "finished", "value": src.value, "step": src.user_attrs.get(UA_STEP),
                                           "metrics": src.user_attrs.get(UA_METRICS), "error": None,
                                           "reused_from": src.label, "finished_at": time.time()})
