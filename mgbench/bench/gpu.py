@@ -1,8 +1,11 @@
 """The prepared GPU benchmark: one script, a few minutes on one H100/H200, figures as JSON + markdown.
 
-    python -m mgbench.bench.gpu --out DIR [--compile] [--quick]      (or MGBENCH_GPU_OUT=DIR)
+    python -m mgbench.bench.gpu --out DIR [--no-compile] [--quick]      (or MGBENCH_GPU_OUT=DIR)
 
-bf16 autocast, TF32 matmuls, optional torch.compile; MFU against the card's dense bf16 peak.
+bf16 autocast, TF32 matmuls; MFU against the card's dense bf16 peak. Eager and compiled side by side: MFU of
+DiT-B/2 and XL/2 forward+backward with and without torch.compile (goal: XL/2 >= 40%), the compiled/eager training
+step of vanilla and MG (compiled with the fused AdamW, as `train.compile` trains), MG/CFG sampling (compiled, as
+`sample.compile: auto` samples on CUDA) and the MG steps against their FLOP bounds.
 Writes DIR/gpu_results.json (merge with `mgbench bench --gpu-results DIR/gpu_results.json`) and
 DIR/gpu_results.md. `--quick` runs tiny sizes and also works on a CPU (fp32), so it is tested there.
 """
@@ -32,6 +35,8 @@ GPU_SAMPLING = [SamplingCase("DiT-B/2", LATENT, 64, 50), SamplingCase("DiT-XL/2"
 GPU_TRAINING = [TrainingCase("DiT-B/2", LATENT, 128, 5),  # every variant: 5 models + EMAs + AdamW states at once
                 TrainingCase("DiT-XL/2", LATENT, 32, 3, variants=("vanilla", "MG"))]
 GPU_MODELS = ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
+GPU_COMPILED_MODELS = ("DiT-B/2", "DiT-XL/2")   # also timed under torch.compile (MFU with and without)
+COMPILE_ROWS = ("vanilla", "MG")                 # training variants also timed compiled
 QUICK_SAMPLING = [SamplingCase("DiT-XS/2", (4, 8, 8), 8, 3)]
 QUICK_TRAINING = [TrainingCase("DiT-XS/2", (4, 8, 8), 8, 1)]
 QUICK_MODELS = ["DiT-XS/2"]
@@ -43,9 +48,11 @@ def peak_tflops(name: str) -> float | None:
     return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
 
 
-def run(out: Path, *, quick: bool = False, compile: bool = False, device: str | None = None,
+def run(out: Path, *, quick: bool = False, compile: bool = True, device: str | None = None,
         only: list[str] | None = None) -> dict:
-    """Run every GPU section, write gpu_results.json and gpu_results.md under `out`; returns the results."""
+    """Run every GPU section, write gpu_results.json and gpu_results.md under `out`; returns the results.
+    compile: add the compiled rows (models and training steps) beside the eager ones; --quick never compiles."""
+    compile = compile and not quick
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     if cuda:
@@ -59,13 +66,14 @@ def run(out: Path, *, quick: bool = False, compile: bool = False, device: str | 
     sections: list[Section] = []
     steps = [
         ("sampling", lambda: bench_sampling(QUICK_SAMPLING if quick else GPU_SAMPLING, repeats=3, device=dev,
-                                            bf16=bf16, compile=compile)),
+                                            bf16=bf16, compile=compile)),   # as sample.compile: auto samples on CUDA
         ("training", lambda: bench_training(QUICK_TRAINING if quick else GPU_TRAINING,
                                             VARIANTS[:3] if quick else VARIANTS, repeats=3 if quick else 5,
-                                            device=dev, bf16=bf16, compile=compile)),
+                                            device=dev, bf16=bf16, compile_rows=COMPILE_ROWS if compile else ())),
         ("models", lambda: bench_models(QUICK_MODELS if quick else GPU_MODELS, shape=(4, 8, 8) if quick else LATENT,
                                         batch=8 if quick else 64, repeats=3 if quick else 10, device=dev,
-                                        bf16=bf16, peak_tflops=peak)),
+                                        bf16=bf16, peak_tflops=peak,
+                                        compiled=GPU_COMPILED_MODELS if compile else ())),
     ]
     for name, fn in steps:
         if only and name not in only:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("MGBENCH_GPU_OUT"),
                    help="folder for gpu_results.json/.md (default: $MGBENCH_GPU_OUT)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (runs on a CPU too)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models (first calls compile)")
+    p.add_argument("--no-compile", action="store_true", help="eager rows only (skip the compiled ones)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--only", default=None, help="comma-separated sections: sampling,training,models")
     args = p.parse_args(argv)
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not torch.cuda.is_available() and args.device != "cpu":
         print("mgbench.bench.gpu: no CUDA device; use --quick to run the tiny sizes on a CPU", file=sys.stderr)
         return 2
-    run(Path(args.out), quick=args.quick, compile=args.compile, device=args.device,
+    run(Path(args.out), quick=args.quick, compile=not args.no_compile, device=args.device,
         only=args.only.split(",") if args.only else None)
     print(f"wrote {Path(args.out) / 'gpu_results.json'}")
     return 0
