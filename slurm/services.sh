@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Cluster-mode services for tests: PostgreSQL (Optuna RDB storage, MLflow backend) and an MLflow
 # tracking server that SLURM jobs reach over HTTP. Everything lives in one private folder.
-# Usage: slurm/services.sh {install|start|stop|status|env}
+# Usage: slurm/services.sh {install|start [--fresh]|stop|status|env}
+#   start           first start (or after stop): both on new ports; later: restarts only the one that died, on
+#                   its own port, so the URLs that running jobs hold stay valid (databases are always kept)
+#   start --fresh   stop both and start them on new ports
 #   eval "$(slurm/services.sh env)"   # sets MGBENCH_PG_URL and MGBENCH_MLFLOW_URL
 # Knobs (environment): MGBENCH_SLURM_DIR (folder, default /tmp/mgbench-slurm; this script uses
 # its services/ subfolder), MGBENCH_PYTHON (runs mlflow, default the repo's .venv),
@@ -15,6 +18,7 @@ PG_USER="mgbench"                                  # password role owning both d
 PG_DB="mgbench"                                    # Optuna RDB storage (and other study data)
 MLFLOW_DB="mgbench_mlflow"                         # MLflow backend (own db: both use alembic_version)
 ENV_FILE="$DIR/env.sh"                             # what `env` prints, written at start (mode 600: it holds the password)
+PORTS_FILE="$DIR/ports.sh"                         # ports chosen by a fresh start, reused by restarts
 PG_PASSWORD_FILE="$DIR/pg.password"                # the role's password (mode 600)
 PG_PASSFILE="$DIR/pgpass"                          # libpq password file of the MLflow server (mode 600), never argv
 START_TIMEOUT="${MGBENCH_SERVICES_TIMEOUT:-120}"
@@ -60,7 +64,7 @@ create_db() {
 start_pg() {
   local port="$1" bin; bin="$(pg_bin)"
   init_pg "$bin"
-  rm -f "$PG_DATA/postmaster.pid"                  # stale after a hard stop; our PID file decides
+  rm -f "$PG_DATA/postmaster.pid" "$PG_SOCK"/.s.PGSQL.*   # stale after a hard stop; our PID file decides
   spawn "$RUN/postgres.pid" "$LOGS/postgres.log" setpriv --reuid=postgres --regid=postgres --init-groups -- \
     "$bin/postgres" -D "$PG_DATA" -p "$port" -k "$PG_SOCK" -c listen_addresses=127.0.0.1 \
     -c shared_buffers=16MB -c max_connections=100 -c fsync=off
@@ -81,32 +85,68 @@ start_mlflow() {
   WAIT_PIDFILE="$RUN/mlflow.pid" wait_for "MLflow server on port $port" "$START_TIMEOUT" "$LOGS/mlflow.log" mlflow_ready "$port"
 }
 
-cmd_start() {
-  if [[ -f "$ENV_FILE" ]] && pidfile_alive "$RUN/postgres.pid" && pidfile_alive "$RUN/mlflow.pid"; then
-    log "services already running ($ENV_FILE)"; return 0
-  fi
+# Both services on new ports (the databases in $PG_DATA are kept).
+start_fresh() {
   cmd_stop >/dev/null 2>&1 || true
   mkdir -p "$RUN" "$LOGS"; chmod 755 "$BASE_DIR" "$DIR"
-  local t0=$SECONDS pg_port mlflow_port pw pg_url
+  local pw
   password_file "$PG_PASSWORD_FILE"
   pw="$(cat "$PG_PASSWORD_FILE")"
-  pg_port="$(spare_port)"; mlflow_port="$(spare_port)"
-  start_pg "$pg_port"
-  create_db "$pg_port" "$pw"
-  echo "127.0.0.1:$pg_port:$MLFLOW_DB:$PG_USER:$pw" | write_private "$PG_PASSFILE"
-  start_mlflow "$mlflow_port" "postgresql+psycopg2://$PG_USER@127.0.0.1:$pg_port/$MLFLOW_DB"
+  PG_PORT="$(spare_port)"; MLFLOW_PORT="$(spare_port)"
+  printf 'PG_PORT=%s\nMLFLOW_PORT=%s\n' "$PG_PORT" "$MLFLOW_PORT" >"$PORTS_FILE"
+  start_pg "$PG_PORT"
+  create_db "$PG_PORT" "$pw"
+  echo "127.0.0.1:$PG_PORT:$MLFLOW_DB:$PG_USER:$pw" | write_private "$PG_PASSFILE"
+  start_mlflow "$MLFLOW_PORT" "$(mlflow_backend)"
   write_private "$ENV_FILE" <<EOF
-export MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:$pw@127.0.0.1:$pg_port/$PG_DB
-export MGBENCH_MLFLOW_URL=http://127.0.0.1:$mlflow_port
+export MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:$pw@127.0.0.1:$PG_PORT/$PG_DB
+export MGBENCH_MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
 EOF
-  log "services up in $((SECONDS - t0))s: MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:***@127.0.0.1:$pg_port/$PG_DB" \
-    "MGBENCH_MLFLOW_URL=http://127.0.0.1:$mlflow_port (env: $ENV_FILE, mode 600)"
+}
+
+mlflow_backend() { echo "postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/$MLFLOW_DB"; }
+
+# Stop what is left of a dead service's session (MLflow's server workers, PostgreSQL's backends: they hold its port
+# or its shared memory), then wait for its port to be free.
+clear_leftovers() {
+  local name="$1" port="$2" i
+  stop_pidfile "$RUN/$name.pid" KILL
+  for i in $(seq 1 50); do port_open "$port" || break; sleep 0.1; done
+  if port_open "$port"; then
+    die "$name's port $port is taken by another process: run slurm/services.sh start --fresh"
+  fi
+}
+
+# Restart only the service that died, on its own port: MGBENCH_PG_URL and MGBENCH_MLFLOW_URL stay valid.
+restart_dead() {
+  source "$PORTS_FILE"
+  mkdir -p "$RUN" "$LOGS"
+  local name dead=()
+  for name in postgres mlflow; do pidfile_alive "$RUN/$name.pid" || dead+=("$name"); done
+  (( ${#dead[@]} )) || { log "services already running ($ENV_FILE)"; return 0; }
+  log "restarting ${dead[*]} (ports kept)"
+  for name in "${dead[@]}"; do
+    case "$name" in
+      postgres) clear_leftovers postgres "$PG_PORT"; start_pg "$PG_PORT" ;;
+      mlflow) clear_leftovers mlflow "$MLFLOW_PORT"; start_mlflow "$MLFLOW_PORT" "$(mlflow_backend)" ;;
+    esac
+  done
+}
+
+# start: restart what died on its own port; start --fresh (or a first start, or a start after stop): new ports.
+cmd_start() {
+  local t0=$SECONDS
+  if [[ "${1:-}" != "--fresh" && -f "$PORTS_FILE" && -f "$ENV_FILE" ]]; then restart_dead
+  else start_fresh; fi
+  source "$PORTS_FILE"
+  log "services up in $((SECONDS - t0))s: MGBENCH_PG_URL=postgresql+psycopg2://$PG_USER:***@127.0.0.1:$PG_PORT/$PG_DB" \
+    "MGBENCH_MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT (env: $ENV_FILE, mode 600)"
 }
 
 cmd_stop() {
   stop_pidfile "$RUN/mlflow.pid"
   stop_pidfile "$RUN/postgres.pid" INT             # SIGINT = PostgreSQL's fast shutdown
-  rm -f "$ENV_FILE" "$PG_PASSFILE"
+  rm -f "$ENV_FILE" "$PG_PASSFILE" "$PORTS_FILE"
   log "services stopped"
 }
 
@@ -126,9 +166,9 @@ cmd_env() {
 
 case "${1:-}" in
   install) cmd_install ;;
-  start) cmd_start ;;
+  start) cmd_start "${2:-}" ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 {install|start|stop|status|env}" >&2; exit 2 ;;
+  *) echo "usage: $0 {install|start [--fresh]|stop|status|env}" >&2; exit 2 ;;
 esac

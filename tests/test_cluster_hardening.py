@@ -258,3 +258,88 @@ def test_down_stops_every_process_it_started_job_steps_included(private_cluster:
     left = {p: pv.cmdline(p) for p in c.processes()}
     assert not left, f"left running after down: {left}"
     assert not [p for p in procs if pv.alive(p)]
+
+
+# ----------------------------------------------------------------------------- private services: a dead one alone
+
+
+class Services:
+    """A private PostgreSQL + MLflow server of slurm/services.sh in its own folder."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.run_dir = base / "services" / "run"
+        self.env = {**os.environ, "MGBENCH_SLURM_DIR": str(base)}
+
+    def script(self, *args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(["bash", "slurm/services.sh", *args], cwd=ROOT, env=self.env, capture_output=True,
+                             text=True, timeout=240)
+        assert res.returncode == 0, f"{args}: rc {res.returncode}\n{res.stderr[-3000:]}"
+        return res
+
+    def urls(self) -> dict[str, str]:
+        """MGBENCH_PG_URL and MGBENCH_MLFLOW_URL as `services.sh env` prints them."""
+        lines = self.script("env").stdout.split()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def pids(self) -> dict[str, int]:
+        return daemon_pids(self.run_dir, SERVICE_DAEMONS)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the service's leader only: its children (MLflow's server worker, PostgreSQL's backends) live on,
+        as after an OOM kill, and hold its port or its shared memory."""
+        pid = self.pids()[name]
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 10
+        while pv.alive(pid):
+            assert time.monotonic() < deadline, f"{name} survived SIGKILL"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def private_services() -> Services:
+    """Fresh private services, stopped at the end. The folder is under /tmp, not pytest's (mode 700) tmp folder,
+    so that the postgres user can reach its data directory."""
+    import tempfile
+
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
+        pytest.skip("PostgreSQL is not installed: bash slurm/services.sh install")
+    if os.geteuid() != 0:
+        pytest.skip("the services script runs PostgreSQL as the postgres user (needs root)")
+    s = Services(Path(tempfile.mkdtemp(prefix="mgbench-services-test-")))
+    try:
+        s.script("start")
+        yield s
+    finally:
+        subprocess.run(["bash", "slurm/services.sh", "stop"], cwd=ROOT, env=s.env, capture_output=True, timeout=120)
+        shutil.rmtree(s.base, ignore_errors=True)
+
+
+def test_dead_service_is_restarted_alone_on_its_port(private_services: Services) -> None:
+    from mgbench.tracking import RunStore
+
+    s = private_services
+    urls, before = s.urls(), s.pids()
+    store = RunStore(urls["MGBENCH_MLFLOW_URL"])
+    run_id = store.start_run(store.experiment("restart-alone"), "before", {"mgbench.test": "1"})
+    store.log_values(run_id, {"loss": 1.0}, step=0)
+
+    s.kill("mlflow")
+    res = s.script("start")
+    assert "restarting mlflow (ports kept)" in res.stderr, res.stderr
+    after = s.pids()
+    assert after["postgres"] == before["postgres"] and after["mlflow"] != before["mlflow"]
+    assert s.urls() == urls  # the URLs that running jobs hold stay valid
+    store.log_values(run_id, {"loss": 0.5}, step=1)  # the same client, the same URL, a new server
+
+    s.kill("postgres")
+    res = s.script("start")
+    assert "restarting postgres (ports kept)" in res.stderr, res.stderr
+    again = s.pids()
+    assert again["mlflow"] == after["mlflow"] and again["postgres"] != before["postgres"]
+    assert s.urls() == urls
+    store.log_values(run_id, {"loss": 0.25}, step=2)  # the MLflow server reconnects to the restarted database
+    assert store.history(run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
+
+    assert "services already running" in s.script("start").stderr
+    assert s.pids() == again
