@@ -1,7 +1,10 @@
 """Figure tests: the data each figure plotted (series, axes, values) and byte-identical files on a second render."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import sqlite_mlflow_store
 
@@ -90,6 +93,19 @@ def test_fig6_params_and_flops(runs, tmp_path):
     assert (big["n_params"], big["sampling_gflops"], big["fid"]) == (4e6, 100.0, 5.0)
     small = data[(data["model"] == "SiT-T/2") & (data["variant"] == "vanilla")].iloc[0]
     assert (small["sampling_gflops"], small["fid"]) == (25.0, 20.0)
+    assert big["n"] == 1 and np.isnan(big["fid_se"])  # one run that logged no SE: no bar, never a zero-width one
+
+
+def test_fig6_mean_and_se_over_training_seeds(runs):
+    big = runs[runs[L.P_ARCH] == "DiT-S/2"]
+    seeds = F.fig6_data(pd.concat([big.assign(**{FID: v}) for v in (5.0, 6.0, 8.0)]))
+    row = seeds.iloc[0]
+    mean = (5.0 + 6.0 + 8.0) / 3
+    se = math.sqrt(((5.0 - mean) ** 2 + (6.0 - mean) ** 2 + (8.0 - mean) ** 2) / 2 / 3)
+    assert (row["model"], row["n"]) == ("SiT-S/2", 3)
+    assert row["fid"] == pytest.approx(mean) and row["fid_se"] == pytest.approx(se)
+    one = F.fig6_data(big.assign(**{T.metric_se(FID): 0.4, T.M_SAMPLE_SEEDS: 3.0})).iloc[0]
+    assert (one["fid"], one["fid_se"], one["n"], one["k"]) == (5.0, 0.4, 1, 3)  # one run: its SE over sample seeds
 
 
 def test_fig2_toy_samples(runs, store, tmp_path):

@@ -195,17 +195,27 @@ def fig5(runs: pd.DataFrame, tracking_uri: str | None | dict[str, str | None], o
 
 
 def fig6_data(runs: pd.DataFrame) -> pd.DataFrame:
-    """FID against parameters and against sampling GFLOPs (gflops_per_forward * nfe), per model and method."""
+    """FID against parameters and against sampling GFLOPs (gflops_per_forward * nfe), per model and method: the mean
+    over training seeds with its SE and n (report.stats.estimate: one run gives its SE over sample seeds)."""
     rows = [{"model": _model(r), "variant": r[L.VARIANT], "method": method_label(r),
              "n_params": r.get(T.M_PARAMS), "sampling_gflops": (r.get(T.M_GFLOPS) or np.nan) * (r.get(T.M_NFE) or np.nan),
-             "fid": r.get(FID)} for r in _finished(runs) if r.get(FID) is not None]
-    data = pd.DataFrame(rows, columns=["model", "variant", "method", "n_params", "sampling_gflops", "fid"])
-    data = data.astype({"n_params": float, "sampling_gflops": float, "fid": float})
-    return data.groupby(["model", "variant", "method"], sort=True).mean().reset_index()
+             "fid": r.get(FID), "run_se": r.get(T.metric_se(FID)), "k": int(r.get(T.M_SAMPLE_SEEDS) or 1)}
+            for r in _finished(runs) if r.get(FID) is not None]
+    data = pd.DataFrame(rows, columns=["model", "variant", "method", "n_params", "sampling_gflops", "fid", "run_se", "k"])
+    data = data.astype({"n_params": float, "sampling_gflops": float, "fid": float, "run_se": float})
+    keys = ["model", "variant", "method"]
+    out = []
+    for key, part in data.groupby(keys, sort=True):
+        est = estimate(part["fid"].tolist(), part["run_se"].tolist(), int(part["k"].min()))
+        out.append({**dict(zip(keys, key)), "n_params": part["n_params"].mean(),
+                    "sampling_gflops": part["sampling_gflops"].mean(), "fid": est.mean, "fid_se": est.se,
+                    "n": est.n_runs, "k": est.n_sample_seeds})
+    return pd.DataFrame(out, columns=[*keys, "n_params", "sampling_gflops", "fid", "fid_se", "n", "k"])
 
 
 def fig6(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
-    """Figure 6: FID against model parameters and against sampling compute, vanilla vs MG."""
+    """Figure 6: FID against model parameters and against sampling compute, vanilla vs MG (bars: SE over training
+    seeds; n and k in the CSV)."""
     data = fig6_data(runs)
     plt, sns = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -213,10 +223,14 @@ def fig6(runs: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
         part = data.dropna(subset=[x])
         if not part.empty:
             sns.lineplot(part.sort_values(x), x=x, y="fid", hue="method", marker="o", ax=ax, errorbar=None)
+            bars = part.dropna(subset=["fid_se"])
+            ax.errorbar(bars[x], bars["fid"], yerr=bars["fid_se"], fmt="none", ecolor="0.4", capsize=2, lw=0.8)
             for r in part.to_dict("records"):
                 ax.annotate(r["model"], (r[x], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_xscale("log")
-        ax.set(xlabel=name, ylabel="FID", title=f"FID against {name}")
+        n = sorted(set(part["n"])) if not part.empty else []
+        seeds = f" (mean ± SE, n = {'/'.join(str(int(v)) for v in n)})" if n else ""
+        ax.set(xlabel=name, ylabel=f"FID{seeds}", title=f"FID against {name}")
     fig.tight_layout()
     save_figure(fig, out_dir, "fig6_scaling")
     return data
