@@ -25,8 +25,6 @@ import torch
 
 from mgbench.trainer.data import Grid2D
 
-GRID_METRICS = ("in_class", "wrong_class", "off_board", "off_support", "coverage", "subcell_coverage", "swd",
-                "center_dist")
 SUBCELLS = 4                 # subcell_coverage: each square split into 4 x 4 sub-cells
 SUBCELL_SHARE = 0.5          # subcell_coverage: a sub-cell counts with >= this share of the uniform count
 

@@ -26,8 +26,9 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from mgbench.config import ConfigError, DataConfig, EvalConfig
 from mgbench.evaluation import extractors as X
+from mgbench.metric_registry import family_metrics
 
-IMAGE_METRICS = ("fid", "sfid", "is", "kid", "precision", "recall")
+IMAGE_METRICS = tuple(family_metrics("image"))   # fid, sfid, is, kid, precision, recall (mgbench.metric_registry)
 REFERENCE_COMPUTES = {"n": 0}  # how often reference statistics were computed (not loaded from the cache)
 
 
