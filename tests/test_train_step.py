@@ -225,4 +225,4 @@ def test_uncond_chunk_is_validated():
 
     with pytest.raises(ConfigError, match=r"^c:objective\.uncond_chunk: -1 is outside \[0, 1000000\]$"):
         train_config_from_dict({"objective": {"uncond_chunk": -1}}, "c")
-    assert train_config_from_dict({}, "c").objective.uncond_chunk == 16
+    assert train_config_from_dict({}, "c").objective.uncond_chunk == 4

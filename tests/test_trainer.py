@@ -177,7 +177,7 @@ def test_resume_reads_keys_an_older_run_folder_lacks():
     # The speed knobs came later and change results by rounding only: a run from before them resumes with any value.
     cfg.objective.t_map = "linear"
     del old["train"]["compile"], old["sample"]["compile"], old["objective"]["uncond_chunk"]
-    cfg.train.compile, cfg.sample.compile, cfg.objective.uncond_chunk = True, False, 4
+    cfg.train.compile, cfg.sample.compile, cfg.objective.uncond_chunk = True, False, 8
     check_same_run(cfg, old, Path("ckpt"))
 
 
