@@ -161,16 +161,6 @@ start_slurmd() {
   WAIT_PIDFILE="$RUN/slurmd.pid" wait_for "slurmd on port $SLURMD_PORT" 60 "$LOGS/slurmd.log $LOGS/slurmd.out" port_open "$SLURMD_PORT" "$ADDR"
 }
 
-# Stop what is left of a dead daemon's session (e.g. slurmctld's slurmscriptd) so its port is free again.
-clear_leftovers() {
-  local d="$1" port="$2" i
-  stop_pidfile "$RUN/$d.pid" KILL
-  for i in $(seq 1 50); do port_taken "$port" || break; sleep 0.1; done
-  if port_taken "$port"; then
-    die "$d's port $port is taken by another process: run slurm/cluster.sh stop && slurm/cluster.sh start --fresh"
-  fi
-}
-
 # A fresh cluster: new ports, configs and passwords kept, state, spool and accounting wiped.
 start_fresh() {
   cmd_stop >/dev/null 2>&1 || true
@@ -193,7 +183,10 @@ restart_dead() {
   for d in "${DAEMONS[@]}"; do pidfile_alive "$RUN/$d.pid" || dead+=("$d"); done
   (( ${#dead[@]} )) || { log "cluster already running ($SLURM_CONF_FILE)"; return 0; }
   log "restarting ${dead[*]} (state kept)"
-  for d in "${dead[@]}"; do clear_leftovers "$d" "$(daemon_port "$d")"; "start_$d"; done
+  for d in "${dead[@]}"; do
+    clear_leftovers "$d" "$(daemon_port "$d")" "run slurm/cluster.sh stop && slurm/cluster.sh start --fresh"
+    "start_$d"
+  done
 }
 
 port_taken() { [[ -n "$1" ]] && { port_open "$1" 127.0.0.1 || port_open "$1" "$ADDR"; }; }

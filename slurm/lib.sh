@@ -49,6 +49,16 @@ stop_pidfile() {
   rm -f "$pidfile"
 }
 
+# Stop what is left of a dead daemon's session (slurmctld's slurmscriptd, MLflow's uvicorn worker, PostgreSQL's
+# backends: they hold its port or its memory), then wait for its port to be free (`port_taken` of the calling
+# script); else die with FIX, the command that gets out of it.
+clear_leftovers() {
+  local name="$1" port="$2" fix="$3" i
+  stop_pidfile "$RUN/$name.pid" KILL
+  for i in $(seq 1 50); do port_taken "$port" || break; sleep 0.1; done
+  if port_taken "$port"; then die "$name's port $port is taken by another process: $fix"; fi
+}
+
 # A free TCP port on 127.0.0.1 (asked from the kernel).
 spare_port() {
   "$MGBENCH_PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -106,29 +106,20 @@ EOF
 
 mlflow_backend() { echo "postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/$MLFLOW_DB"; }
 
-# Stop what is left of a dead service's session (MLflow's server workers, PostgreSQL's backends: they hold its port
-# or its shared memory), then wait for its port to be free.
-clear_leftovers() {
-  local name="$1" port="$2" i
-  stop_pidfile "$RUN/$name.pid" KILL
-  for i in $(seq 1 50); do port_open "$port" || break; sleep 0.1; done
-  if port_open "$port"; then
-    die "$name's port $port is taken by another process: run slurm/services.sh start --fresh"
-  fi
-}
+port_taken() { port_open "$1"; }   # what clear_leftovers (lib.sh) waits on: every service is on 127.0.0.1
 
 # Restart only the service that died, on its own port: MGBENCH_PG_URL and MGBENCH_MLFLOW_URL stay valid.
 restart_dead() {
   source "$PORTS_FILE"
   mkdir -p "$RUN" "$LOGS"
-  local name dead=()
+  local name dead=() FIX="run slurm/services.sh start --fresh"
   for name in postgres mlflow; do pidfile_alive "$RUN/$name.pid" || dead+=("$name"); done
   (( ${#dead[@]} )) || { log "services already running ($ENV_FILE)"; return 0; }
   log "restarting ${dead[*]} (ports kept)"
   for name in "${dead[@]}"; do
     case "$name" in
-      postgres) clear_leftovers postgres "$PG_PORT"; start_pg "$PG_PORT" ;;
-      mlflow) clear_leftovers mlflow "$MLFLOW_PORT"; start_mlflow "$MLFLOW_PORT" "$(mlflow_backend)" ;;
+      postgres) clear_leftovers postgres "$PG_PORT" "$FIX"; start_pg "$PG_PORT" ;;
+      mlflow) clear_leftovers mlflow "$MLFLOW_PORT" "$FIX"; start_mlflow "$MLFLOW_PORT" "$(mlflow_backend)" ;;
     esac
   done
 }
